@@ -1,0 +1,26 @@
+"""Test photos that ship with installed packages (no network): scikit-image's samples and the seed's lisa.jpg."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+SEED_LISA = Path(__file__).resolve().parent.parent.parent / "shared" / "seed" / "lisa.jpg"
+SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
+                  "retina", "camera", "moon", "coins", "grass", "brick")
+
+
+def load_photo(name: str) -> Image.Image:
+    """A PIL image by skimage.data name, or 'lisa' (the seed's test image, when ../shared is there)."""
+    if name == "lisa":
+        for path in (SEED_LISA, Path("shared/seed/lisa.jpg"), Path(".bench/lisa.jpg")):
+            if path.is_file():
+                return Image.open(path).convert("RGB")
+        raise FileNotFoundError("lisa.jpg not found (looked in ../shared/seed, shared/seed, .bench)")
+    import skimage.data
+
+    array = getattr(skimage.data, name)()
+    if array.dtype == bool:
+        array = array.astype(np.uint8) * 255
+    return Image.fromarray(array)

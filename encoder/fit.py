@@ -1,0 +1,193 @@
+"""Fit a batch of images with strokes: groups, error-map placement, Adam, progressive resolution.
+
+Strokes come in groups. Each group is placed where the current painting is
+worst, optimised against the target (downsampled for the early, coarse
+groups), then frozen. After every group the painting is checked at full
+resolution; a group that would make an image worse is replaced by invisible
+strokes for that image, so the PSNR after each group never decreases and
+every prefix of groups is a finished painting.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import renderer
+from .config import FitConfig
+from .images import downsample, psnr
+from .strokes import ALPHA, COLOR, CX, CY, MU_R, NUM_FIELDS, ROT, SIGMA_R, SIGMA_T, bounds
+
+
+@dataclass
+class FitResult:
+    """Result of ``fit_batch`` for B images; tensors on the CPU."""
+
+    strokes: torch.Tensor      # [B, N, 10]
+    background: torch.Tensor   # [B, 3]
+    psnr: torch.Tensor         # [B] at full resolution
+    ok: torch.Tensor           # [B] bool: False where the fit produced non-finite values
+    seconds: float             # wall time of the whole batch
+    group_psnr: torch.Tensor   # [B, groups] PSNR after each group
+
+
+def null_strokes(batch: int, n: int, device) -> torch.Tensor:
+    """Valid strokes that paint nothing: the thinnest, shortest, faintest stroke
+    centred on the canvas corner, at least half a pixel (and thousands of its
+    own widths) from every pixel centre."""
+    lo, _ = bounds(1.0, device)
+    out = lo.expand(batch, n, NUM_FIELDS).clone()
+    out[..., ROT] = 0.0
+    return out
+
+
+def place_strokes(
+    target: torch.Tensor, canvas: torch.Tensor, n: int, config: FitConfig, generator: torch.Generator
+) -> torch.Tensor:
+    """Initial ``[B, n, 10]`` strokes at pixels sampled with probability ~ error ** power.
+
+    The colour is the target's at that pixel; the shape comes from the config.
+    """
+    bsz, _, h, w = target.shape
+    error = (target - canvas).abs().mean(dim=1).reshape(bsz, h * w)
+    weights = error.pow(config.placement_power) + 1e-12
+    idx = torch.multinomial(weights, n, replacement=n > h * w, generator=generator)
+    rows, cols = idx // w, idx % w
+    strokes = torch.empty(bsz, n, NUM_FIELDS, device=target.device)
+    strokes[..., CX] = (cols.float() + 0.5) / h
+    strokes[..., CY] = (rows.float() + 0.5) / h
+    strokes[..., ROT] = (torch.rand(bsz, n, device=target.device, generator=generator) * 2 - 1) * math.pi
+    strokes[..., MU_R] = config.init_mu_r
+    strokes[..., SIGMA_R] = config.init_sigma_r
+    strokes[..., SIGMA_T] = config.init_sigma_t
+    strokes[..., COLOR] = torch.gather(target.reshape(bsz, 3, h * w), 2, idx[:, None, :].expand(-1, 3, -1)).transpose(1, 2)
+    strokes[..., ALPHA] = config.init_alpha
+    return strokes
+
+
+class Adam:
+    """Adam over one tensor with per-field learning rates and a clamp into the valid ranges.
+
+    Written out (instead of torch.optim) so the step is a handful of fused
+    tensor ops with no per-step Python state beyond a counter.
+    """
+
+    def __init__(self, params: torch.Tensor, lr: torch.Tensor, betas: tuple[float, float], eps: float = 1e-8):
+        self.params, self.lr, self.betas, self.eps = params, lr, betas, eps
+        self.m = torch.zeros_like(params)
+        self.v = torch.zeros_like(params)
+        self.t = 0
+
+    def step(self, grad: torch.Tensor) -> None:
+        b1, b2 = self.betas
+        self.t += 1
+        self.m.lerp_(grad, 1 - b1)
+        self.v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        denom = (self.v / (1 - b2 ** self.t)).sqrt_().add_(self.eps)
+        self.params.addcdiv_(self.m * (self.lr / (1 - b1 ** self.t)), denom, value=-1.0)
+
+
+def _field_lrs(config: FitConfig, device) -> torch.Tensor:
+    from .strokes import FIELDS
+
+    unknown = set(config.lr_scale) - set(FIELDS)
+    if unknown:
+        raise ValueError(f"lr_scale names unknown fields {sorted(unknown)}; fields are {FIELDS}")
+    return torch.tensor([config.lr * config.lr_scale.get(f, 1.0) for f in FIELDS], device=device)
+
+
+def fit_batch(
+    targets: torch.Tensor,
+    config: FitConfig,
+    device: str | torch.device | None = None,
+    seed: int | None = None,
+    on_group: Callable[[int, int, torch.Tensor], None] | None = None,
+) -> FitResult:
+    """Fit ``config.strokes`` strokes to each of B targets ``[B, 3, S, S]`` in [0, 1].
+
+    ``device``/``seed`` default to the config's. ``on_group(done, total,
+    psnr [B])`` is called after each group (for progress bars); it is the
+    only place the loop waits for the GPU.
+    """
+    start = time.perf_counter()
+    dev = renderer.resolve_device(device if device is not None else config.device)
+    backend = renderer.resolve_backend(config.backend, dev)
+    if targets.dim() != 4 or targets.shape[1] != 3:
+        raise ValueError(f"targets must be [B, 3, S, S], got {list(targets.shape)}")
+    targets = targets.to(dev, torch.float32).contiguous()
+    bsz, _, size, width = targets.shape
+    if size != width:
+        raise ValueError(f"targets must be square, got {size} x {width}")
+    generator = torch.Generator(device=dev).manual_seed(config.seed if seed is None else seed)
+    lo, hi = bounds(1.0, dev)
+    lrs = _field_lrs(config, dev)
+
+    resolutions = [min(r, size) for r in config.group_resolutions()]
+    pyramid = {r: downsample(targets, r) for r in set(resolutions)}
+    background = targets.mean(dim=(2, 3))
+    frozen: list[torch.Tensor] = []
+    full_canvas = background[:, :, None, None].expand(-1, -1, size, size).contiguous()
+    full_error = (full_canvas - targets).square().mean(dim=(1, 2, 3))
+    history = []
+    canvas, canvas_res = None, None
+
+    for g, (n, res) in enumerate(zip(config.group_sizes(), resolutions)):
+        target = pyramid[res]
+        fit_bg = config.fit_background and g == 0
+        if canvas_res != res:
+            # Point-sampled strokes at the new resolution, not a resampled canvas.
+            base = background[:, :, None, None].expand(-1, -1, res, res).contiguous()
+            canvas = renderer.composite(torch.cat(frozen, 1), base, backend) if frozen else base
+            canvas_res = res
+        base = canvas
+        strokes = place_strokes(target, base, n, config, generator)
+        opt = Adam(strokes, lrs, config.betas)
+        if fit_bg:
+            bg = background.clone()
+            bg_opt = Adam(bg, torch.full((3,), config.lr, device=dev), config.betas)
+        for _ in range(config.steps):
+            if fit_bg:
+                base = bg[:, :, None, None].expand(-1, -1, res, res).contiguous()
+            _, _, grad, grad_base = renderer.loss_and_grad(strokes, base, target, config.loss, backend, fit_bg)
+            opt.step(grad)
+            torch.clamp(strokes, lo, hi, out=strokes)
+            if fit_bg:
+                bg_opt.step(grad_base.sum(dim=(2, 3)))
+                bg.clamp_(0.0, 1.0)
+        old_background = background
+        if fit_bg:
+            background = bg
+        # Commit at full resolution; an image the group made worse keeps its old painting.
+        full_base = background[:, :, None, None].expand(-1, -1, size, size).contiguous() if fit_bg else full_canvas
+        new_full = renderer.composite(strokes, full_base, backend)
+        new_error = (new_full - targets).square().mean(dim=(1, 2, 3))
+        worse = ~(new_error <= full_error)  # NaN counts as worse
+        strokes = torch.where(worse[:, None, None], null_strokes(bsz, n, dev), strokes)
+        full_canvas = torch.where(worse[:, None, None, None], full_canvas, new_full)
+        full_error = torch.where(worse, full_error, new_error)
+        if fit_bg:
+            background = torch.where(worse[:, None], old_background, background)
+            canvas_res = None  # the base changed under the group: repaint at the next group
+        frozen.append(strokes)
+        if canvas_res is not None:
+            canvas = torch.where(worse[:, None, None, None], base, renderer.composite(strokes, base, backend))
+        history.append(10.0 * torch.log10(1.0 / full_error.clamp_min(1e-12)))
+        if on_group is not None:
+            on_group(g + 1, len(resolutions), history[-1].cpu())
+
+    strokes = torch.cat(frozen, 1)
+    final_psnr = psnr(full_canvas, targets)
+    ok = torch.isfinite(strokes).all(dim=(1, 2)) & torch.isfinite(final_psnr) & torch.isfinite(background).all(dim=1)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return FitResult(
+        strokes=torch.nan_to_num(strokes).cpu(),
+        background=torch.nan_to_num(background).cpu(),
+        psnr=final_psnr.cpu(),
+        ok=ok.cpu(),
+        seconds=time.perf_counter() - start,
+        group_psnr=torch.stack(history, 1).cpu(),
+    )

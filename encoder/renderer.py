@@ -1,0 +1,92 @@
+"""One entry point to the two renderers: Triton on CUDA, the dense reference elsewhere.
+
+Callers (the fit loop, the CLI, the pipeline through ``encoder.render``) pick
+a backend once and then call ``render_loss``/``loss_and_grad``/``render``
+without caring which one runs.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import reference
+
+BACKENDS = ("auto", "triton", "reference")
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` -> the current CUDA device when there is one, else the CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device} requested but CUDA is not available on this machine")
+    return device
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``auto`` -> triton on CUDA (or on the CPU under TRITON_INTERPRET=1), else reference."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    if backend != "auto":
+        return backend
+    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "reference"
+        return "triton"
+    return "reference"
+
+
+def loss_and_grad(
+    strokes: torch.Tensor, base: torch.Tensor, target: torch.Tensor, loss: str, backend: str, base_grad: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Canvas, per-image loss ``[B]`` and the gradient of ``loss.sum()``.
+
+    Returns ``(canvas, loss, grad_strokes [B, N, 10], grad_base [B, 3, H, W] or None)``.
+    Images are independent, so the summed loss gives each image its own gradient.
+    """
+    if backend == "triton":
+        from . import triton_render
+
+        canvas, value = triton_render.forward(strokes, base, target, loss)
+        ones = torch.ones_like(value)
+        grad, grad_base = triton_render.backward(strokes, base, target, canvas, ones, loss, base_grad)
+        return canvas, value, grad, grad_base
+    with torch.enable_grad():
+        s = strokes.detach().requires_grad_(True)
+        b = base.detach().requires_grad_(base_grad)
+        canvas, value = reference.render_loss(s, b, target, loss)
+        grads = torch.autograd.grad(value.sum(), [s, b] if base_grad else [s])
+    return canvas.detach(), value.detach(), grads[0], (grads[1] if base_grad else None)
+
+
+def composite(strokes: torch.Tensor, base: torch.Tensor, backend: str) -> torch.Tensor:
+    """Paint ``[B, N, 10]`` strokes over a ``[B, 3, H, W]`` canvas (no gradient)."""
+    with torch.no_grad():
+        if strokes.shape[1] == 0:
+            return base.clone()
+        if backend == "triton":
+            from . import triton_render
+
+            return triton_render.forward(strokes.contiguous(), base.contiguous())[0]
+        return reference.render_loss(strokes, base)[0]
+
+
+def render(
+    strokes: torch.Tensor, background: torch.Tensor, height: int, width: int,
+    device: str | torch.device = "auto", backend: str = "auto",
+) -> torch.Tensor:
+    """Paint ``[B, N, 10]`` strokes over ``[B, 3]`` background colours at H x W: ``[B, 3, H, W]``.
+
+    Returns a float32 tensor on the CPU.
+    """
+    if strokes.dim() == 2:
+        strokes, background = strokes[None], background.reshape(1, 3)
+    dev = resolve_device(device)
+    backend = resolve_backend(backend, dev)
+    strokes = strokes.to(dev, torch.float32)
+    base = background.to(dev, torch.float32)[:, :, None, None].expand(-1, -1, height, width).contiguous()
+    return composite(strokes, base, backend).cpu()

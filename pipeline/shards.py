@@ -1,0 +1,166 @@
+"""Shard specs, shard ids, done markers and resume.
+
+A shard spec is anything webdataset's ``gopen`` opens (a local path, ``file:``,
+``http(s)://``, ``pipe:CMD``), with img2dataset's brace ranges
+(``laion-art/{00000..00999}.tar``). A shard's id is the stem of its tar, so
+``OUT/{id}.parquet`` sits beside the input's own ``{id}.tar`` naming, and
+``OUT/{id}_stats.json`` (written last) says the shard is done.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from braceexpand import braceexpand
+
+TAR_SUFFIXES = (".tar.gz", ".tar.zst", ".tar.bz2", ".tar.xz", ".tgz", ".tar")
+URL_SCHEMES = ("http://", "https://", "pipe:", "file:", "s3://", "gs://", "ais://", "sftp://", "scp://", "ftps://")
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._=+-]+$")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One input tar: ``url`` is what gopen opens, ``id`` names its outputs."""
+
+    id: str
+    url: str
+
+
+def _is_url(spec: str) -> bool:
+    return spec.startswith(URL_SCHEMES)
+
+
+def expand_specs(specs: str | list[str] | tuple[str, ...]) -> list[str]:
+    """Expand brace ranges, local globs and local folders into a list of shard urls.
+
+    Several specs may be given (a list, or one string separated by whitespace is
+    NOT split: a ``pipe:`` command contains spaces). Order is kept, duplicates dropped.
+    """
+    if isinstance(specs, str):
+        specs = [specs]
+    urls: list[str] = []
+    for spec in specs:
+        for url in braceexpand(spec):
+            if not _is_url(url) and os.path.isdir(url):
+                # A folder of img2dataset output: its tars, in name order.
+                found = sorted(str(p) for p in Path(url).iterdir() if p.name.endswith(TAR_SUFFIXES))
+                urls.extend(found)
+            elif not _is_url(url) and any(ch in url for ch in "*?["):
+                urls.extend(sorted(glob.glob(url)))
+            else:
+                urls.append(url)
+    seen: set[str] = set()
+    return [u for u in urls if not (u in seen or seen.add(u))]
+
+
+def shard_id(url: str) -> str:
+    """The tar's stem: ``'s3/laion-art/00042.tar'`` -> ``'00042'``.
+
+    For ``pipe:`` commands the last argument that names a tar is used
+    (``pipe:curl -s https://host/00042.tar`` -> ``'00042'``).
+    """
+    target = url
+    if url.startswith("pipe:"):
+        words = shlex.split(url[len("pipe:"):])
+        tars = [w for w in words if urlsplit(w).path.endswith(TAR_SUFFIXES)]
+        if not tars:
+            raise ValueError(f"cannot tell a shard id from {url!r}: no argument ends in .tar")
+        target = tars[-1]
+    path = urlsplit(target).path if _is_url(target) else target
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    for suffix in TAR_SUFFIXES:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    if not name or not _SAFE_ID.match(name) or name.startswith("."):
+        raise ValueError(f"cannot tell a shard id from {url!r} (got {name!r})")
+    return name
+
+
+def make_shards(specs: str | list[str] | tuple[str, ...]) -> list[Shard]:
+    """Expand specs into shards; two inputs with one id would overwrite each other, so refuse."""
+    shards = [Shard(shard_id(url), url) for url in expand_specs(specs)]
+    by_id: dict[str, list[str]] = {}
+    for shard in shards:
+        by_id.setdefault(shard.id, []).append(shard.url)
+    clashes = {k: v for k, v in by_id.items() if len(v) > 1}
+    if clashes:
+        first = next(iter(clashes.items()))
+        raise ValueError(f"{len(clashes)} shard ids are used by several inputs, e.g. {first[0]!r}: {first[1]}")
+    return shards
+
+
+def parquet_path(out_dir: str | Path, sid: str) -> Path:
+    return Path(out_dir) / f"{sid}.parquet"
+
+
+def stats_path(out_dir: str | Path, sid: str) -> Path:
+    return Path(out_dir) / f"{sid}_stats.json"
+
+
+def temp_path(final: Path, tag: str) -> Path:
+    """A hidden sibling of ``final``: same filesystem (so os.replace is atomic),
+    invisible to ``*.parquet`` globs, unique per attempt."""
+    return final.with_name(f".{final.name}.{tag}.tmp")
+
+
+def temp_files(out_dir: str | Path, sid: str) -> list[Path]:
+    """Leftovers of interrupted attempts at shard ``sid``."""
+    out = Path(out_dir)
+    return sorted(out.glob(f".{sid}.parquet.*.tmp")) + sorted(out.glob(f".{sid}_stats.json.*.tmp"))
+
+
+def clean_temp(out_dir: str | Path, sid: str) -> int:
+    """Delete leftovers of earlier attempts at ``sid``; only call it while no attempt runs."""
+    removed = 0
+    for path in temp_files(out_dir, sid):
+        try:
+            path.unlink()
+            removed += 1
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def is_done(out_dir: str | Path, sid: str) -> bool:
+    """Done means the stats file exists: it is written after the Parquet file is in place."""
+    return stats_path(out_dir, sid).is_file() and parquet_path(out_dir, sid).is_file()
+
+
+def plan(shards: list[Shard], out_dir: str | Path, overwrite: bool = False) -> tuple[list[Shard], list[Shard]]:
+    """Split shards into (to do, already done).
+
+    With ``overwrite`` every stats marker is removed first, so an overwrite run
+    that is interrupted is finished by a plain rerun instead of leaving old and
+    new shards mixed under the same markers.
+    """
+    if overwrite:
+        for shard in shards:
+            stats_path(out_dir, shard.id).unlink(missing_ok=True)
+        return list(shards), []
+    todo = [s for s in shards if not is_done(out_dir, s.id)]
+    done = [s for s in shards if is_done(out_dir, s.id)]
+    return todo, done
+
+
+def expected_samples(shard: Shard) -> int | None:
+    """Sample count from img2dataset's own ``{id}_stats.json`` beside a local tar, if any.
+
+    Only used to give the progress bar a total (and so an ETA).
+    """
+    if _is_url(shard.url) and not shard.url.startswith("file:"):
+        return None
+    path = Path(shard.url[len("file:"):] if shard.url.startswith("file:") else shard.url)
+    stats = path.with_name(f"{shard.id}_stats.json")
+    try:
+        with open(stats, encoding="utf-8") as handle:
+            value = json.load(handle).get("successes")
+        return int(value) if value is not None else None
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None

@@ -1,0 +1,175 @@
+"""One Parquet file per input shard, committed atomically, then its stats file.
+
+Rows stream into a hidden temporary file row group by row group (a 10,000-image
+shard of 1000 strokes is 400 MB of floats: it is never held whole), and the file
+takes its final name with one ``os.replace`` once complete. The stats file is
+written the same way, after it: a reader that sees ``{id}_stats.json`` can trust
+``{id}.parquet``; a reader that sees only ``{id}.parquet`` sees a complete
+file from this or an earlier run, never a partial one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from encoder.strokes import FIELDS
+
+from .shards import parquet_path, stats_path, temp_path
+
+FORMAT_VERSION = "1"
+COLUMNS = ("key", "caption", "url", "width", "height", "status", "error_message",
+           "strokes", "background", "psnr", "fit_seconds")  # fmt: skip
+META_PREFIX = "painterbot."
+
+
+def strokes_type(n_strokes: int) -> pa.DataType:
+    """``[N, 10]`` float32 per row; readers without the extension see fixed_size_list<float>[N*10]."""
+    return pa.fixed_shape_tensor(pa.float32(), [n_strokes, len(FIELDS)])
+
+
+def make_schema(n_strokes: int, metadata: dict[str, str] | None = None) -> pa.Schema:
+    """The output schema; ``metadata`` values land under ``painterbot.*`` keys of the file."""
+    fields = [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("caption", pa.string()),
+        pa.field("url", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error_message", pa.string()),
+        pa.field("strokes", strokes_type(n_strokes)),
+        pa.field("background", pa.list_(pa.float32(), 3)),
+        pa.field("psnr", pa.float32()),
+        pa.field("fit_seconds", pa.float32()),
+    ]
+    meta = {
+        f"{META_PREFIX}format_version": FORMAT_VERSION,
+        f"{META_PREFIX}stroke_fields": json.dumps(list(FIELDS)),
+        f"{META_PREFIX}n_strokes": str(n_strokes),
+    }
+    meta.update({f"{META_PREFIX}{k}": v for k, v in (metadata or {}).items()})
+    return pa.schema(fields, metadata=meta)
+
+
+def _fixed_list(rows: list, width: int) -> pa.Array:
+    """Rows of ``width`` floats (or None) -> fixed_size_list<float32>[width], nulls where None.
+
+    Built from buffers so no Python float is ever touched and it works on every
+    pyarrow the project supports; null rows keep zeroed slots (fixed-size layout).
+    """
+    values = np.zeros((len(rows), width), dtype=np.float32)
+    valid = np.zeros(len(rows), dtype=bool)
+    for i, row in enumerate(rows):
+        if row is not None:
+            values[i] = np.asarray(row, dtype=np.float32).reshape(-1)
+            valid[i] = True
+    child = pa.array(values.reshape(-1), type=pa.float32())
+    validity = None if valid.all() else pa.array(valid, type=pa.bool_()).buffers()[1]
+    return pa.Array.from_buffers(pa.list_(pa.float32(), width), len(rows), [validity], children=[child])
+
+
+def rows_to_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    """Row dicts (keys of COLUMNS; strokes ``[N, 10]`` array or None) -> a Table of ``schema``."""
+    stroke_type = schema.field("strokes").type
+    n_values = int(np.prod(stroke_type.shape))
+    columns = {}
+    for name in COLUMNS:
+        values = [row.get(name) for row in rows]
+        if name == "strokes":
+            storage = _fixed_list(values, n_values)
+            columns[name] = pa.ExtensionArray.from_storage(stroke_type, storage)
+        elif name == "background":
+            columns[name] = _fixed_list(values, 3)
+        else:
+            columns[name] = pa.array(values, type=schema.field(name).type)
+    return pa.Table.from_pydict(columns, schema=schema)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: str | Path, data: dict) -> Path:
+    """Write JSON under a temporary sibling name, then rename it into place."""
+    path = Path(path)
+    tmp = temp_path(path, uuid.uuid4().hex[:12])
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2, sort_keys=True, default=str)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+class ShardWriter:
+    """Streams rows of one shard into ``.{id}.parquet.{tag}.tmp``; ``commit`` makes it ``{id}.parquet``.
+
+    Not thread-safe: one writer thread owns it.
+    """
+
+    def __init__(self, out_dir: str | Path, shard_id: str, n_strokes: int,
+                 metadata: dict[str, str] | None = None, row_group_size: int = 256):  # fmt: skip
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.shard_id = shard_id
+        self.schema = make_schema(n_strokes, {"shard_id": shard_id, **(metadata or {})})
+        self.final = parquet_path(self.out_dir, shard_id)
+        self.tmp = temp_path(self.final, uuid.uuid4().hex[:12])
+        self.row_group_size = row_group_size
+        self.rows = 0
+        self._pending: list[dict] = []
+        # Opened now, so an empty shard still yields a valid (empty) Parquet file.
+        self._writer = pq.ParquetWriter(self.tmp, self.schema)
+
+    def add(self, rows: list[dict]) -> None:
+        self._pending.extend(rows)
+        while len(self._pending) >= self.row_group_size:
+            self._write(self._pending[: self.row_group_size])
+            self._pending = self._pending[self.row_group_size :]
+
+    def _write(self, rows: list[dict]) -> None:
+        if rows:
+            self._writer.write_table(rows_to_table(rows, self.schema), row_group_size=len(rows))
+            self.rows += len(rows)
+
+    def commit(self, stats: dict) -> dict:
+        """Finish the Parquet file, move it into place, then write the stats (the done marker)."""
+        self._write(self._pending)
+        self._pending = []
+        self._writer.close()
+        with open(self.tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(self.tmp, self.final)
+        _fsync_dir(self.out_dir)
+        stats = {**stats, "rows": self.rows, "parquet": self.final.name, "parquet_bytes": self.final.stat().st_size}
+        write_json_atomic(stats_path(self.out_dir, self.shard_id), stats)
+        return stats
+
+    def abort(self) -> None:
+        """Drop the temporary file of a failed attempt."""
+        try:
+            self._writer.close()
+        except Exception:  # noqa: BLE001 - already broken; the file goes anyway
+            pass
+        self.tmp.unlink(missing_ok=True)
