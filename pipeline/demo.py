@@ -1,0 +1,123 @@
+"""A small demo set, built offline from photos bundled with scikit-image, then encoded.
+
+The shards copy img2dataset's layout exactly ({key}.jpg + {key}.txt +
+{key}.json per sample, 9-digit keys whose leading digits are the shard number,
+and img2dataset's ``{id}_stats.json`` beside each tar), so the demo runs the
+same path as a real LAION or CC12M download.
+"""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from webdataset import TarWriter
+
+from .config import CPU_CONFIG, DEFAULT_CONFIG
+
+# skimage.data name -> caption. Only images shipped inside the scikit-image wheel:
+# the demo must not need the network.
+PHOTOS = [
+    ("astronaut", "portrait of astronaut Eileen Collins in front of the American flag"),
+    ("coffee", "a cup of coffee on a saucer, seen from above"),
+    ("chelsea", "Chelsea the tabby cat looking sideways"),
+    ("rocket", "a rocket on its launch pad under a blue sky"),
+    ("hubble_deep_field", "galaxies of the Hubble deep field"),
+    ("immunohistochemistry", "a stained tissue sample under the microscope"),
+    ("camera", "black and white photo of a cameraman with a tripod"),
+    ("coins", "old coins on a dark background"),
+]
+
+
+def photo(name: str) -> np.ndarray:
+    import skimage.data
+
+    return np.asarray(getattr(skimage.data, name)())
+
+
+def build_demo_shards(folder: str | Path, shards: int = 2, per_shard: int = 4) -> list[Path]:
+    """Write ``shards`` tars of ``per_shard`` JPEG samples into ``folder``; return their paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for s in range(shards):
+        path = folder / f"{s:05d}.tar"
+        with TarWriter(str(path)) as sink:
+            for i in range(per_shard):
+                name, caption = PHOTOS[(s * per_shard + i) % len(PHOTOS)]
+                buffer = io.BytesIO()
+                image = Image.fromarray(photo(name))
+                image.convert("RGB" if image.mode != "L" else "L").save(buffer, format="JPEG", quality=92)
+                key = f"{s:05d}{i:04d}"
+                meta = {"url": f"skimage://data/{name}", "key": key, "caption": caption, "status": "success",
+                        "width": image.width, "height": image.height, "original_width": image.width,
+                        "original_height": image.height}  # fmt: skip
+                sink.write({"__key__": key, "jpg": buffer.getvalue(), "txt": caption, "json": json.dumps(meta)})
+        # img2dataset writes this beside each tar; the progress bar reads it for its total.
+        (folder / f"{s:05d}_stats.json").write_text(json.dumps({"count": per_shard, "successes": per_shard}))
+        paths.append(path)
+    return paths
+
+
+def render_previews(parquet: Path, folder: Path, size: int, limit: int = 8) -> list[Path]:
+    """Paint the first ``limit`` ok rows of one output file to PNGs (what the strokes look like)."""
+    import torch
+
+    from encoder import render
+    from encoder.images import tensor_to_pil
+
+    from .dataset import StrokeDataset
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    data = StrokeDataset(str(parquet))
+    for i in range(min(limit, len(data))):
+        row = data[i]
+        canvas = render(row["strokes"][None], torch.as_tensor(row["background"])[None], size, size)
+        path = folder / f"{row['key']}.png"
+        tensor_to_pil(canvas[0]).save(path)
+        written.append(path)
+    return written
+
+
+def run_demo(args, options_from_args) -> int:
+    """``run_encode.py --demo``: build the demo shards, encode them on whatever is here, show where it went."""
+    import torch
+
+    from .driver import run
+
+    root = Path("demo_out").resolve()  # in .gitignore
+    shard_dir = root / "shards"
+    paths = build_demo_shards(shard_dir)
+    print(f"[demo] built {len(paths)} shards of img2dataset layout in {shard_dir}")
+    cuda = torch.cuda.is_available() and (args.device or "auto") != "cpu" and args.gpus != 0
+    if args.config is None:
+        args.config = str(DEFAULT_CONFIG if cuda else CPU_CONFIG)
+    if not cuda and args.gpus is None:
+        args.gpus = 0
+    args.shards = [str(shard_dir / "{00000..%05d}.tar" % (len(paths) - 1))]
+    args.output = args.output or str(root / "strokes")
+    print(f"[demo] encoding on {'cuda' if cuda else 'cpu'} with {args.config}")
+    code = run(options_from_args(args))
+    out = Path(args.output)
+    previews = []
+    for parquet in sorted(out.glob("*.parquet")):
+        size = max(256, _size_of(parquet))
+        previews += render_previews(parquet, out / "previews", size, limit=4)
+    print(f"[demo] strokes: {out}/*.parquet  stats: {out}/*_stats.json  summary: {out}/_summary.json")
+    if previews:
+        print(f"[demo] {len(previews)} paintings rendered from the strokes: {out / 'previews'}")
+    print(f"[demo] render one yourself: python -m encoder render {out}/00000.parquet --key 000000000 --size 512 -o painting.png")
+    return code
+
+
+def _size_of(parquet: Path) -> int:
+    import pyarrow.parquet as pq
+
+    meta = pq.read_schema(parquet).metadata or {}
+    try:
+        return int(json.loads(meta[b"painterbot.encoder_config"])["size"])
+    except (KeyError, ValueError, TypeError):
+        return 256

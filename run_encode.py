@@ -1,0 +1,99 @@
+#!/usr/bin/env python
+"""Encode webdataset image shards into Parquet stroke datasets.
+
+    python run_encode.py --shards 'laion-art/{00000..00999}.tar' --gpus 8 --output OUT
+    python run_encode.py --shards 'shards/*.tar' --gpus 0 --workers 2 --config configs/cpu_small.yaml
+    python run_encode.py --demo
+
+Rerunning the same command resumes: shards with a stats file are skipped.
+Flags override values of the config file (``encoder:`` and ``pipeline:`` sections).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.config import DEFAULT_CONFIG
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    io = p.add_argument_group("input and output")
+    io.add_argument("--shards", nargs="+", metavar="SPEC",
+                    help="shard specs: paths, globs, folders, brace ranges ('{00000..00999}.tar'), "
+                         "http(s):// or pipe: urls (anything webdataset opens)")  # fmt: skip
+    io.add_argument("--output", "-o", help="output folder (default: out, or demo_out/strokes with --demo)")
+    io.add_argument("--overwrite", action="store_true", help="redo shards that are already done")
+    io.add_argument("--demo", action="store_true",
+                    help="build a small demo set from images bundled with scikit-image and encode it")  # fmt: skip
+
+    enc = p.add_argument_group("encoder (override the config's encoder: section)")
+    enc.add_argument("--config", help=f"YAML preset (default: {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parent.parent)})")
+    enc.add_argument("--strokes", type=int, help="strokes per image")
+    enc.add_argument("--size", type=int, help="side of the square the image is fitted at")
+    enc.add_argument("--seed", type=int)
+    enc.add_argument("--device", help="cpu | cuda | auto (default: the config's, auto = cuda when present)")
+
+    pipe = p.add_argument_group("pipeline (override the config's pipeline: section)")
+    pipe.add_argument("--batch-size", type=int, help="images per fit_batch call")
+    pipe.add_argument("--gpus", type=int, help="GPU workers, one per GPU (default: all); 0 = CPU workers")
+    pipe.add_argument("--workers", type=int, help="CPU workers when --gpus 0")
+    pipe.add_argument("--max-retries", type=int, help="extra attempts per failed shard")
+    pipe.add_argument("--reader-threads", type=int, help="image decoding threads per worker")
+    pipe.add_argument("--max-image-pixels", type=int, help="refuse larger images (decompression bombs)")
+
+    ray = p.add_argument_group("Ray")
+    ray.add_argument("--address", help="join an existing Ray cluster ('auto' or HOST:PORT); default: start a local one")
+    ray.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    ray.add_argument("--no-dashboard", action="store_true", help="do not start the Ray dashboard")
+    ray.add_argument("--no-ray", action="store_true", help="run one worker in this process, without Ray")
+    ray.add_argument("--no-progress", action="store_true", help="no progress bar (per-shard lines are still printed)")
+    args = p.parse_args(argv)
+    if not args.demo and not args.shards:
+        p.error("--shards is required (or use --demo)")
+    return args
+
+
+def options_from_args(args: argparse.Namespace):
+    from pipeline.driver import RunOptions
+
+    return RunOptions(
+        shards=args.shards or [],
+        output=args.output or "out",
+        config=args.config or str(DEFAULT_CONFIG),
+        encoder_overrides={"strokes": args.strokes, "size": args.size, "seed": args.seed},
+        pipeline_overrides={
+            "batch_size": args.batch_size,
+            "workers": args.workers,
+            "max_retries": args.max_retries,
+            "reader_threads": args.reader_threads,
+            "max_image_pixels": args.max_image_pixels,
+            "num_cpus": args.num_cpus,
+            "include_dashboard": False if args.no_dashboard else None,
+        },
+        device=args.device,
+        gpus=args.gpus,
+        address=args.address,
+        overwrite=args.overwrite,
+        use_ray=not args.no_ray,
+        progress=not args.no_progress,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.demo:
+            from pipeline.demo import run_demo
+
+            return run_demo(args, options_from_args)
+        from pipeline.driver import run
+
+        return run(options_from_args(args))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
