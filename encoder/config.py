@@ -31,7 +31,9 @@ class FitConfig:
     init_sigma_r: float = 0.1
     init_sigma_t: float = 0.1
     init_alpha: float = 0.01
-    placement_power: float = 2.0  # new strokes are sampled with probability ~ error ** power
+    placement: str = "power"      # power: p ~ error ** placement_power; softmax: p ~ exp(error) (the seed's)
+    placement_power: float = 2.0
+    background: str = "mean"      # initial background: mean colour of the target, or black (the seed's)
     fit_background: bool = True   # fit the background colour with the first group
     backend: str = "auto"         # auto | triton | reference
     device: str = "auto"          # auto | cpu | cuda | cuda:N
@@ -44,6 +46,10 @@ class FitConfig:
             raise ValueError(f"size must be at least 8 pixels, got {self.size}")
         if self.loss not in ("l2", "l1", "prefix_l1"):
             raise ValueError(f"loss must be l2, l1 or prefix_l1, got {self.loss!r}")
+        if self.placement not in ("power", "softmax"):
+            raise ValueError(f"placement must be power or softmax, got {self.placement!r}")
+        if self.background not in ("mean", "black"):
+            raise ValueError(f"background must be mean or black, got {self.background!r}")
         if self.backend not in ("auto", "triton", "reference"):
             raise ValueError(f"backend must be auto, triton or reference, got {self.backend!r}")
         if not self.stages or any(len(s) != 2 or not 0 < s[0] <= 1 or s[1] < 0 for s in self.stages):

@@ -47,13 +47,16 @@ def null_strokes(batch: int, n: int, device) -> torch.Tensor:
 def place_strokes(
     target: torch.Tensor, canvas: torch.Tensor, n: int, config: FitConfig, generator: torch.Generator
 ) -> torch.Tensor:
-    """Initial ``[B, n, 10]`` strokes at pixels sampled with probability ~ error ** power.
+    """Initial ``[B, n, 10]`` strokes at pixels sampled where the error is large.
 
     The colour is the target's at that pixel; the shape comes from the config.
     """
     bsz, _, h, w = target.shape
     error = (target - canvas).abs().mean(dim=1).reshape(bsz, h * w)
-    weights = error.pow(config.placement_power) + 1e-12
+    if config.placement == "softmax":
+        weights = torch.softmax(error, dim=1)
+    else:
+        weights = error.pow(config.placement_power) + 1e-12
     idx = torch.multinomial(weights, n, replacement=n > h * w, generator=generator)
     rows, cols = idx // w, idx % w
     strokes = torch.empty(bsz, n, NUM_FIELDS, device=target.device)
@@ -127,7 +130,7 @@ def fit_batch(
 
     resolutions = [min(r, size) for r in config.group_resolutions()]
     pyramid = {r: downsample(targets, r) for r in set(resolutions)}
-    background = targets.mean(dim=(2, 3))
+    background = targets.mean(dim=(2, 3)) if config.background == "mean" else targets.new_zeros(bsz, 3)
     frozen: list[torch.Tensor] = []
     full_canvas = background[:, :, None, None].expand(-1, -1, size, size).contiguous()
     full_error = (full_canvas - targets).square().mean(dim=(1, 2, 3))

@@ -298,6 +298,10 @@ def _backward_kernel(
             if k >= 1:
                 pending += 1.0
     if BASE_GRAD:
+        if LOSS_KIND == 2:
+            l0 += pending * _sign(c0 - t0) * scale * inside
+            l1 += pending * _sign(c1 - t1) * scale * inside
+            l2 += pending * _sign(c2 - t2) * scale * inside
         tl.store(GRAD_BASE + img, l0, mask=mask)
         tl.store(GRAD_BASE + img + plane, l1, mask=mask)
         tl.store(GRAD_BASE + img + 2 * plane, l2, mask=mask)
@@ -321,7 +325,7 @@ def _grid(b: int, h: int, w: int, tile: tuple[int, int]) -> tuple[int, int]:
 
 def forward(
     strokes: torch.Tensor, base: torch.Tensor, target: torch.Tensor | None = None, loss: str = "l2",
-    tile: tuple[int, int] = (16, 16), num_warps: int = 4,
+    tile: tuple[int, int] = (16, 32), num_warps: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Canvas ``[B, 3, H, W]`` and loss ``[B]`` (None without target). No autograd."""
     _check(strokes, base, target)
@@ -342,7 +346,7 @@ def forward(
 def backward(
     strokes: torch.Tensor, base: torch.Tensor, target: torch.Tensor, canvas: torch.Tensor, grad_loss: torch.Tensor,
     loss: str = "l2", base_grad: bool = False, grad_strokes: torch.Tensor | None = None,
-    tile: tuple[int, int] = (16, 16), num_warps: int = 4,
+    tile: tuple[int, int] = (16, 32), num_warps: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gradients of ``sum_b grad_loss[b] * loss[b]`` w.r.t. strokes ``[B, N, 10]`` (and base).
 

@@ -106,6 +106,42 @@ def _url(data: bytes | None) -> str | None:
     return url if isinstance(url, str) else None
 
 
+COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")
+
+
+class _TailStream:
+    """Pass-through reader remembering the first and last bytes of the stream.
+
+    tarfile stops silently when a tar is cut exactly at a block boundary: the
+    missing end-of-archive marker (two zero blocks) is the only trace, and
+    only this wrapper sees it.
+    """
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.head = b""
+        self.tail = b""
+        self.total = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        if data:
+            if len(self.head) < 8:
+                self.head = (self.head + data)[:8]
+            self.tail = (self.tail + data)[-1024:]
+            self.total += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 16):
+            pass
+
+    def lacks_end_marker(self) -> bool:
+        if self.total == 0 or self.head.startswith(COMPRESSED_MAGIC):
+            return False  # empty: tarfile said so; compressed: the decompressor reports truncation
+        return len(self.tail) < 1024 or any(self.tail)
+
+
 class ShardReader:
     """Stream the samples of one shard and decode them on a few threads, in order.
 
@@ -139,7 +175,8 @@ class ShardReader:
     # -- raw samples -----------------------------------------------------------------
     def samples(self) -> Iterator[dict]:
         """Group tar members by key: ``{'__key__': key, ext: bytes, ...}``, in tar order."""
-        stream = gopen(self.url, "rb")
+        raw = gopen(self.url, "rb")
+        stream = _TailStream(raw)
         current: dict | None = None
         member_errors: list[Exception] = []
 
@@ -162,11 +199,15 @@ class ShardReader:
                     self.errors.append(f"{self.url}: duplicate member {member['fname']} ignored")
                     continue
                 current[ext] = member["data"]
+            if not member_errors:
+                stream.drain()  # the end marker and padding; lets a pipe's command finish writing
+                if stream.lacks_end_marker():
+                    member_errors.append(ShardReadError("tar ends without its end-of-archive marker (truncated)"))
         except Exception as exc:  # noqa: BLE001 - truncated/corrupt tar: keep the samples read so far
             member_errors.append(exc)
         finally:
             try:
-                stream.close()  # a pipe: source reports its exit status here
+                raw.close()  # a pipe: source reports its exit status here
             except Exception as exc:  # noqa: BLE001
                 member_errors.append(exc)
         for exc in member_errors:

@@ -1,0 +1,128 @@
+"""The Triton renderer against the dense reference (the oracle), on random strokes and edge cases."""
+import math
+
+import pytest
+import torch
+
+from encoder import reference, triton_render
+from encoder.strokes import ALPHA, CX, CY, MU_R, SIGMA_R, SIGMA_T, bounds, random_strokes
+
+LOSSES = ("l1", "l2", "prefix_l1")
+
+
+def compact(s: torch.Tensor) -> torch.Tensor:
+    """Bias random strokes towards visible sizes so tiny canvases see them."""
+    s = s.clone()
+    s[..., MU_R] = 0.05 + s[..., MU_R] * 0.2
+    return s
+
+
+def check(s, base, tgt, loss, fwd_tol=1e-4, grad_tol=1e-3):
+    canvas, value = triton_render.forward(s, base, tgt, loss)
+    sd = s.double().requires_grad_(True)
+    bd = base.double().requires_grad_(True)
+    ref_canvas, ref_value = reference.render_loss(sd, bd, tgt.double(), loss)
+    assert (canvas.double() - ref_canvas).abs().max().item() < fwd_tol
+    assert torch.allclose(value.double(), ref_value.detach(), rtol=1e-4, atol=1e-6)
+    ref_value.sum().backward()
+    grad, grad_base = triton_render.backward(s, base, tgt, canvas, torch.ones(s.shape[0]), loss, base_grad=True)
+    # Relative error per field, over all strokes of the batch.
+    err = (grad.double() - sd.grad).norm(dim=(0, 1))
+    scale = sd.grad.norm(dim=(0, 1))
+    assert torch.all(err <= grad_tol * scale + 1e-9), (err / scale.clamp_min(1e-30)).tolist()
+    assert (grad_base.double() - bd.grad).norm() <= grad_tol * bd.grad.norm() + 1e-9
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 16, 16), (1, 12, 20, 36), (3, 5, 33, 17)])
+@pytest.mark.parametrize("loss", LOSSES)
+def test_random_strokes_match_reference(shape, loss):
+    b, n, h, w = shape
+    gen = torch.Generator().manual_seed(hash((shape, loss)) % 2**31)
+    s = compact(random_strokes(b, n, w / h, generator=gen))
+    base = torch.rand(b, 3, h, w, generator=gen)
+    tgt = torch.rand(b, 3, h, w, generator=gen)  # a different target per image
+    check(s, base, tgt, loss)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_edge_cases(loss):
+    """alpha 1, sigmas at their lower clamps, mu_r at both clamps, strokes off-canvas."""
+    gen = torch.Generator().manual_seed(7)
+    h, w = 18, 24
+    lo, hi = bounds(w / h)
+    s = compact(random_strokes(2, 10, w / h, generator=gen))
+    s[0, 0, ALPHA] = 1.0                                  # opaque
+    s[0, 1, ALPHA] = 1.0
+    s[0, 1, CX], s[0, 1, CY] = 4.5 / h, 8.5 / h           # opaque, centred exactly on a pixel
+    s[0, 2, SIGMA_R], s[0, 2, SIGMA_T] = lo[SIGMA_R], lo[SIGMA_T]  # thinnest, shortest
+    s[0, 3, MU_R] = lo[MU_R]
+    s[0, 4, MU_R] = hi[MU_R]                              # almost straight
+    s[1, 0, CX], s[1, 0, CY] = 0.0, 0.0                   # centre in a corner: partly off-canvas
+    s[1, 1, CX], s[1, 1, CY] = hi[CX], 1.0
+    s[1, 2, MU_R], s[1, 2, ALPHA] = lo[MU_R], 1.0
+    s[1, 3, SIGMA_R] = lo[SIGMA_R]
+    s[1, 4:6, ALPHA] = 1.0                                # a run of opaque strokes over each other
+    s[1, 4:6, CX], s[1, 4:6, CY] = 0.7, 0.5
+    # Fully off-canvas: far outside, small, cannot reach any pixel.
+    s[1, 6, MU_R], s[1, 6, SIGMA_R], s[1, 6, SIGMA_T] = 0.05, 0.01, 0.01
+    s[1, 6, CX], s[1, 6, CY] = hi[CX], 0.0
+    base = torch.rand(2, 3, h, w, generator=gen)
+    tgt = torch.rand(2, 3, h, w, generator=gen)
+    check(s, base, tgt, loss)
+
+
+def test_culling_skips_far_strokes_exactly():
+    """A stroke that cannot reach the canvas changes nothing, and gets zero gradient."""
+    s = torch.tensor([[[0.0, 0.0, 0.0, 0.05, 1e-4, 1e-3, 1.0, 0.0, 0.0, 1.0]]])
+    base = torch.rand(1, 3, 8, 8)
+    tgt = torch.rand(1, 3, 8, 8)
+    canvas, _ = triton_render.forward(s, base, tgt, "l2")
+    assert torch.equal(canvas, base)
+    grad, _ = triton_render.backward(s, base, tgt, canvas, torch.ones(1), "l2")
+    assert torch.equal(grad, torch.zeros_like(grad))
+
+
+def test_autograd_function_matches_reference():
+    gen = torch.Generator().manual_seed(3)
+    s = compact(random_strokes(2, 6, generator=gen)).requires_grad_(True)
+    bg = torch.rand(2, 3, generator=gen).requires_grad_(True)
+    tgt = torch.rand(2, 3, 12, 12, generator=gen)
+    base = bg[:, :, None, None].expand(-1, -1, 12, 12)
+    _, value = triton_render.render_loss(s, base, tgt, "l2")
+    (value * torch.tensor([1.0, 2.0])).sum().backward()
+    s2 = s.detach().double().requires_grad_(True)
+    bg2 = bg.detach().double().requires_grad_(True)
+    _, ref = reference.render_loss(s2, bg2[:, :, None, None].expand(-1, -1, 12, 12), tgt.double(), "l2")
+    (ref * torch.tensor([1.0, 2.0], dtype=torch.float64)).sum().backward()
+    assert torch.allclose(s.grad.double(), s2.grad, rtol=1e-3, atol=1e-7)
+    assert torch.allclose(bg.grad.double(), bg2.grad, rtol=1e-3, atol=1e-7)
+
+
+def test_reference_gradcheck_float64():
+    gen = torch.Generator().manual_seed(11)
+    s = compact(random_strokes(1, 3, generator=gen)).double()
+    s[..., SIGMA_R] = 0.1
+    s[..., SIGMA_T] = 0.5
+    s.requires_grad_(True)
+    base = torch.rand(1, 3, 6, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    tgt = torch.rand(1, 3, 6, 6, generator=gen, dtype=torch.float64)
+    for loss in ("l2", "prefix_l1"):
+        assert torch.autograd.gradcheck(lambda a, b: reference.render_loss(a, b, tgt, loss)[1], (s, base))
+    assert torch.autograd.gradcheck(lambda a: reference.render_loss(a, base.detach(), None)[0], (s,))
+
+
+def test_centre_opacity_is_alpha():
+    """At the stroke centre u = mu_r, v = 0, so the opacity is exactly alpha (STROKE_MODEL.md)."""
+    s = torch.tensor([[0.5, 0.5, 0.3, 0.4, 0.05, 0.2, 1, 1, 1, 0.37]], dtype=torch.float64)
+    x = torch.tensor([[0.5]], dtype=torch.float64)
+    y = torch.tensor([[0.5]], dtype=torch.float64)
+    assert math.isclose(reference.opacity(s, x, y).item(), 0.37, rel_tol=1e-12)
+
+
+def test_bad_shapes_raise_clear_errors():
+    with pytest.raises(ValueError, match=r"strokes must be \[B, N, 10\]"):
+        triton_render.forward(torch.rand(2, 5, 9), torch.rand(2, 3, 4, 4))
+    with pytest.raises(ValueError, match="base must be"):
+        triton_render.forward(torch.rand(2, 5, 10), torch.rand(3, 3, 4, 4))
+    with pytest.raises(ValueError, match="float32"):
+        triton_render.forward(torch.rand(1, 5, 10).double(), torch.rand(1, 3, 4, 4).double())
