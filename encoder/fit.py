@@ -45,7 +45,7 @@ def null_strokes(batch: int, n: int, device) -> torch.Tensor:
 
 
 def place_strokes(
-    target: torch.Tensor, canvas: torch.Tensor, n: int, config: FitConfig, generator: torch.Generator
+    target: torch.Tensor, canvas: torch.Tensor, n: int, config: FitConfig, generators: list[torch.Generator]
 ) -> torch.Tensor:
     """Initial ``[B, n, 10]`` strokes at pixels sampled where the error is large.
 
@@ -57,12 +57,14 @@ def place_strokes(
         weights = torch.softmax(error, dim=1)
     else:
         weights = error.pow(config.placement_power) + 1e-12
-    idx = torch.multinomial(weights, n, replacement=n > h * w, generator=generator)
+    # One generator per image, so an image gets the same draws in any batch.
+    idx = torch.stack([torch.multinomial(weights[i], n, replacement=n > h * w, generator=generators[i]) for i in range(bsz)])
     rows, cols = idx // w, idx % w
     strokes = torch.empty(bsz, n, NUM_FIELDS, device=target.device)
     strokes[..., CX] = (cols.float() + 0.5) / h
     strokes[..., CY] = (rows.float() + 0.5) / h
-    strokes[..., ROT] = (torch.rand(bsz, n, device=target.device, generator=generator) * 2 - 1) * math.pi
+    spin = torch.stack([torch.rand(n, device=target.device, generator=g) for g in generators])
+    strokes[..., ROT] = (spin * 2 - 1) * math.pi
     strokes[..., MU_R] = config.init_mu_r
     strokes[..., SIGMA_R] = config.init_sigma_r
     strokes[..., SIGMA_T] = config.init_sigma_t
@@ -111,7 +113,9 @@ def fit_batch(
 ) -> FitResult:
     """Fit ``config.strokes`` strokes to each of B targets ``[B, 3, S, S]`` in [0, 1].
 
-    ``device``/``seed`` default to the config's. ``on_group(done, total,
+    ``device``/``seed`` default to the config's; image i draws its random
+    numbers from ``seed + i``, so it gets the same painting in any batch that
+    starts it at the same seed. ``on_group(done, total,
     psnr [B])`` is called after each group (for progress bars); it is the
     only place the loop waits for the GPU.
     """
@@ -124,7 +128,8 @@ def fit_batch(
     bsz, _, size, width = targets.shape
     if size != width:
         raise ValueError(f"targets must be square, got {size} x {width}")
-    generator = torch.Generator(device=dev).manual_seed(config.seed if seed is None else seed)
+    first_seed = config.seed if seed is None else seed
+    generators = [torch.Generator(device=dev).manual_seed(first_seed + i) for i in range(bsz)]
     lo, hi = bounds(1.0, dev)
     lrs = _field_lrs(config, dev)
 
@@ -146,7 +151,7 @@ def fit_batch(
             canvas = renderer.composite(torch.cat(frozen, 1), base, backend) if frozen else base
             canvas_res = res
         base = canvas
-        strokes = place_strokes(target, base, n, config, generator)
+        strokes = place_strokes(target, base, n, config, generators)
         opt = Adam(strokes, lrs, config.betas)
         if fit_bg:
             bg = background.clone()

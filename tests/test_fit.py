@@ -1,0 +1,112 @@
+"""The fitting loop on the CPU: determinism, valid ranges, robustness, batching, monotone groups."""
+import pytest
+import torch
+
+from encoder import fit_batch, load_config
+from encoder.config import FitConfig
+from encoder.fit import Adam, null_strokes
+from encoder.renderer import composite
+from encoder.strokes import bounds
+
+TINY = dict(strokes=12, group_size=4, size=16, steps=6, stages=[[0.5, 0.34], [1.0, 0.66]], device="cpu",
+            backend="reference", lr=0.02)
+
+
+def photo(seed: int) -> torch.Tensor:
+    """A small smooth random 'photo': blobs of colour."""
+    gen = torch.Generator().manual_seed(seed)
+    low = torch.rand(1, 3, 4, 4, generator=gen)
+    return torch.nn.functional.interpolate(low, size=(16, 16), mode="bilinear", align_corners=False)[0]
+
+
+def test_same_seed_same_strokes():
+    config = FitConfig(**TINY)
+    a = fit_batch(photo(0)[None], config, seed=5)
+    b = fit_batch(photo(0)[None], config, seed=5)
+    c = fit_batch(photo(0)[None], config, seed=6)
+    assert torch.equal(a.strokes, b.strokes) and torch.equal(a.background, b.background)
+    assert not torch.equal(a.strokes, c.strokes)
+
+
+@pytest.mark.parametrize("kind", ["flat", "black", "white", "noise"])
+def test_no_nan_and_valid_ranges_on_hard_images(kind):
+    gen = torch.Generator().manual_seed(1)
+    image = {"flat": torch.full((3, 16, 16), 0.4), "black": torch.zeros(3, 16, 16), "white": torch.ones(3, 16, 16),
+             "noise": torch.rand(3, 16, 16, generator=gen)}[kind]
+    result = fit_batch(image[None], FitConfig(**TINY))
+    lo, hi = bounds(1.0)
+    assert bool(result.ok[0])
+    assert torch.isfinite(result.strokes).all() and torch.isfinite(result.psnr).all()
+    assert torch.all(result.strokes >= lo) and torch.all(result.strokes <= hi)
+    assert torch.all(result.background >= 0) and torch.all(result.background <= 1)
+
+
+def test_parameters_stay_in_range_after_every_step(monkeypatch):
+    """Wrap the optimiser step: after each step plus clamp, every value is valid."""
+    seen = []
+    original = Adam.step
+
+    def step(self, grad):
+        original(self, grad)
+        seen.append(self.params)
+
+    monkeypatch.setattr(Adam, "step", step)
+    lo, hi = bounds(1.0)
+    config = FitConfig(**{**TINY, "lr": 0.5})  # a large step pushes values past the bounds
+    checks = []
+    real_clamp = torch.clamp
+
+    def clamp(t, *args, **kwargs):
+        out = real_clamp(t, *args, **kwargs)
+        if t.dim() == 3 and t.shape[-1] == 10:
+            checks.append(bool(torch.all(t >= lo) and torch.all(t <= hi)))
+        return out
+
+    monkeypatch.setattr(torch, "clamp", clamp)
+    fit_batch(photo(2)[None], config)
+    assert checks and all(checks)
+    assert len(checks) == config.groups * config.steps
+
+
+def test_batch_of_mixed_images_equals_fitting_each_alone():
+    config = FitConfig(**TINY)
+    gen = torch.Generator().manual_seed(9)
+    images = torch.stack([photo(3), torch.zeros(3, 16, 16), torch.rand(3, 16, 16, generator=gen)])
+    together = fit_batch(images, config, seed=10)
+    for i in range(3):
+        alone = fit_batch(images[i:i + 1], config, seed=10 + i)  # image i draws from seed + i
+        assert torch.allclose(alone.strokes[0], together.strokes[i], atol=1e-4)
+        assert abs(float(alone.psnr[0]) - float(together.psnr[i])) < 1e-3
+
+
+def test_psnr_never_drops_between_groups():
+    config = FitConfig(**{**TINY, "lr": 0.2})
+    result = fit_batch(torch.stack([photo(6), photo(7)]), config)
+    diffs = result.group_psnr[:, 1:] - result.group_psnr[:, :-1]
+    assert torch.all(diffs >= -1e-4)
+    # and the last group's PSNR is the painting's
+    assert torch.allclose(result.group_psnr[:, -1], result.psnr, atol=1e-3)
+
+
+def test_null_strokes_paint_nothing():
+    base = torch.rand(2, 3, 64, 48)
+    assert torch.equal(composite(null_strokes(2, 5, "cpu"), base, "reference"), base)
+
+
+def test_triton_backend_fits_like_reference():
+    config = FitConfig(**{**TINY, "strokes": 4, "steps": 3})
+    ref = fit_batch(photo(8)[None], config, seed=1)
+    tri = fit_batch(photo(8)[None], FitConfig(**{**TINY, "strokes": 4, "steps": 3, "backend": "triton"}), seed=1)
+    assert torch.allclose(ref.strokes, tri.strokes, atol=1e-3)
+
+
+def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
+    with pytest.raises(ValueError, match="unknown encoder config keys: bogus"):
+        load_config(None, bogus=1)
+    with pytest.raises(ValueError, match="loss must be"):
+        load_config(None, loss="l7")
+    path = tmp_path / "c.yaml"
+    path.write_text("encoder:\n  strokes: 40\n  size: 64\n")
+    config = load_config(path, size=32)
+    assert config.strokes == 40 and config.size == 32
+    assert len(config.group_resolutions()) == config.groups and config.group_resolutions()[-1] == 32
