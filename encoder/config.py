@@ -17,17 +17,17 @@ class FitConfig:
 
     strokes: int = 1000          # strokes per image
     size: int = 512              # side of the square target (short side resized, centre-cropped)
-    group_size: int = 50         # strokes optimised together, then frozen
-    steps: int = 100             # optimiser steps per group
+    group_size: int = 100        # strokes optimised together, then frozen
+    steps: int = 200             # optimiser steps per group
     # Progressive resolution: [scale, share of groups] pairs, coarse first. The
     # groups of each stage are fitted on the target area-averaged to scale * size.
     stages: list = field(default_factory=lambda: [[0.25, 0.2], [0.5, 0.3], [1.0, 0.5]])
     loss: str = "l2"             # l2 | l1 | prefix_l1 (the seed's mean-over-prefixes L1)
-    lr: float = 0.01
+    lr: float = 0.005
     betas: tuple = (0.8, 0.9)
     lr_scale: dict = field(default_factory=dict)  # per-field lr multipliers, e.g. {alpha: 2.0}
     # Initial values of new strokes; position and colour come from the error map.
-    init_mu_r: float = 0.2
+    init_mu_r: float = 0.1
     init_sigma_r: float = 0.1
     init_sigma_t: float = 0.1
     init_alpha: float = 0.01
