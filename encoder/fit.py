@@ -19,6 +19,7 @@ import torch
 from . import renderer
 from .config import FitConfig
 from .images import downsample, psnr
+from .optim import Adam
 from .strokes import ALPHA, COLOR, CX, CY, MU_R, NUM_FIELDS, ROT, SIGMA_R, SIGMA_T, bounds
 
 
@@ -71,28 +72,6 @@ def place_strokes(
     strokes[..., COLOR] = torch.gather(target.reshape(bsz, 3, h * w), 2, idx[:, None, :].expand(-1, 3, -1)).transpose(1, 2)
     strokes[..., ALPHA] = config.init_alpha
     return strokes
-
-
-class Adam:
-    """Adam over one tensor with per-field learning rates and a clamp into the valid ranges.
-
-    Written out (instead of torch.optim) so the step is a handful of fused
-    tensor ops with no per-step Python state beyond a counter.
-    """
-
-    def __init__(self, params: torch.Tensor, lr: torch.Tensor, betas: tuple[float, float], eps: float = 1e-8):
-        self.params, self.lr, self.betas, self.eps = params, lr, betas, eps
-        self.m = torch.zeros_like(params)
-        self.v = torch.zeros_like(params)
-        self.t = 0
-
-    def step(self, grad: torch.Tensor) -> None:
-        b1, b2 = self.betas
-        self.t += 1
-        self.m.lerp_(grad, 1 - b1)
-        self.v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-        denom = (self.v / (1 - b2 ** self.t)).sqrt_().add_(self.eps)
-        self.params.addcdiv_(self.m * (self.lr / (1 - b1 ** self.t)), denom, value=-1.0)
 
 
 def _field_lrs(config: FitConfig, device) -> torch.Tensor:
@@ -152,19 +131,19 @@ def fit_batch(
             canvas_res = res
         base = canvas
         strokes = place_strokes(target, base, n, config, generators)
-        opt = Adam(strokes, lrs, config.betas)
+        opt = Adam(strokes, lrs, lo, hi, config.betas)
+        grad = torch.zeros_like(strokes)
         if fit_bg:
             bg = background.clone()
-            bg_opt = Adam(bg, torch.full((3,), config.lr, device=dev), config.betas)
+            bg_opt = Adam(bg, torch.full((3,), config.lr, device=dev), torch.zeros(3, device=dev),
+                          torch.ones(3, device=dev), config.betas)
         for _ in range(config.steps):
             if fit_bg:
                 base = bg[:, :, None, None].expand(-1, -1, res, res).contiguous()
-            _, _, grad, grad_base = renderer.loss_and_grad(strokes, base, target, config.loss, backend, fit_bg)
+            _, _, grad, grad_base = renderer.loss_and_grad(strokes, base, target, config.loss, backend, fit_bg, grad)
             opt.step(grad)
-            torch.clamp(strokes, lo, hi, out=strokes)
             if fit_bg:
                 bg_opt.step(grad_base.sum(dim=(2, 3)))
-                bg.clamp_(0.0, 1.0)
         old_background = background
         if fit_bg:
             background = bg

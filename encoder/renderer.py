@@ -41,9 +41,12 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def loss_and_grad(
-    strokes: torch.Tensor, base: torch.Tensor, target: torch.Tensor, loss: str, backend: str, base_grad: bool = False
+    strokes: torch.Tensor, base: torch.Tensor, target: torch.Tensor, loss: str, backend: str, base_grad: bool = False,
+    grad_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Canvas, per-image loss ``[B]`` and the gradient of ``loss.sum()``.
+
+    ``grad_out``, if given, must be zero; the Triton backend accumulates into it.
 
     Returns ``(canvas, loss, grad_strokes [B, N, 10], grad_base [B, 3, H, W] or None)``.
     Images are independent, so the summed loss gives each image its own gradient.
@@ -53,7 +56,7 @@ def loss_and_grad(
 
         canvas, value = triton_render.forward(strokes, base, target, loss)
         ones = torch.ones_like(value)
-        grad, grad_base = triton_render.backward(strokes, base, target, canvas, ones, loss, base_grad)
+        grad, grad_base = triton_render.backward(strokes, base, target, canvas, ones, loss, base_grad, grad_out)
         return canvas, value, grad, grad_base
     with torch.enable_grad():
         s = strokes.detach().requires_grad_(True)

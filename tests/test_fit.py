@@ -42,30 +42,36 @@ def test_no_nan_and_valid_ranges_on_hard_images(kind):
 
 
 def test_parameters_stay_in_range_after_every_step(monkeypatch):
-    """Wrap the optimiser step: after each step plus clamp, every value is valid."""
-    seen = []
+    """After every optimiser step (update + clamp) every value is valid."""
+    lo, hi = bounds(1.0)
+    checks = []
     original = Adam.step
 
     def step(self, grad):
         original(self, grad)
-        seen.append(self.params)
+        if self.params.shape[-1] == 10:
+            checks.append(bool(torch.all(self.params >= lo) and torch.all(self.params <= hi)))
 
     monkeypatch.setattr(Adam, "step", step)
-    lo, hi = bounds(1.0)
     config = FitConfig(**{**TINY, "lr": 0.5})  # a large step pushes values past the bounds
-    checks = []
-    real_clamp = torch.clamp
-
-    def clamp(t, *args, **kwargs):
-        out = real_clamp(t, *args, **kwargs)
-        if t.dim() == 3 and t.shape[-1] == 10:
-            checks.append(bool(torch.all(t >= lo) and torch.all(t <= hi)))
-        return out
-
-    monkeypatch.setattr(torch, "clamp", clamp)
     fit_batch(photo(2)[None], config)
-    assert checks and all(checks)
-    assert len(checks) == config.groups * config.steps
+    assert len(checks) == config.groups * config.steps and all(checks)
+
+
+def test_fused_adam_step_matches_tensor_ops():
+    """The fused Triton step (the CUDA path) computes the same update as the tensor-op path."""
+    gen = torch.Generator().manual_seed(4)
+    lo, hi = bounds(1.0)
+    lr = torch.linspace(0.01, 0.1, 10)
+    p1 = lo + torch.rand(3, 7, 10, generator=gen) * (hi - lo)
+    p2 = p1.clone()
+    a, b = Adam(p1, lr, lo, hi, (0.8, 0.9), fused=False), Adam(p2, lr, lo, hi, (0.8, 0.9), fused=True)
+    for _ in range(3):
+        g = torch.randn(3, 7, 10, generator=gen)
+        g2 = g.clone()
+        a.step(g)
+        b.step(g2)
+        assert torch.allclose(p1, p2, atol=1e-6) and torch.equal(g2, torch.zeros_like(g2))
 
 
 def test_batch_of_mixed_images_equals_fitting_each_alone():
@@ -97,7 +103,10 @@ def test_triton_backend_fits_like_reference():
     config = FitConfig(**{**TINY, "strokes": 4, "steps": 3})
     ref = fit_batch(photo(8)[None], config, seed=1)
     tri = fit_batch(photo(8)[None], FitConfig(**{**TINY, "strokes": 4, "steps": 3, "backend": "triton"}), seed=1)
-    assert torch.allclose(ref.strokes, tri.strokes, atol=1e-3)
+    # Adam normalises each gradient, so float32-level differences in near-zero
+    # gradients move a parameter by up to lr per step: compare loosely.
+    assert torch.allclose(ref.strokes, tri.strokes, atol=3 * 3 * config.lr)
+    assert abs(float(ref.psnr[0]) - float(tri.psnr[0])) < 0.1
 
 
 def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
