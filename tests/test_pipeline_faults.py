@@ -1,0 +1,110 @@
+"""Faults: the driver SIGKILLed mid-run, a worker process dying mid-shard, shards that never succeed.
+
+The killed run and its rerun are the only two Ray runs here; the retry bound is
+checked through the same dispatch loop without Ray (--no-ray).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.driver import RunOptions, run
+from pipeline_samples import REPO, descendants, good_samples, kill_pids, tar_samples, tiny_config, write_tar
+
+
+def _shards(folder: Path, count: int, per_shard: int) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    return [write_tar(folder / f"{i:05d}.tar", good_samples(per_shard, prefix=f"s{i}k")) for i in range(count)]
+
+
+def _check_final_files(out: Path, tars: list[Path]) -> int:
+    """Every file under a final name is complete; returns how many shards are done."""
+    done = 0
+    for tar in tars:
+        sid = tar.stem
+        parquet, stats = out / f"{sid}.parquet", out / f"{sid}_stats.json"
+        if parquet.exists():
+            keys = pq.read_table(parquet, columns=["key"])["key"].to_pylist()
+            assert keys == list(tar_samples(tar)), f"{parquet} is not complete"
+        if stats.exists():
+            assert parquet.exists() and json.loads(stats.read_text())["rows"] == len(tar_samples(tar))
+            done += 1
+    return done
+
+
+def test_killed_driver_then_crashing_worker_still_ends_exactly_once(tmp_path):
+    tars = _shards(tmp_path / "in", count=6, per_shard=6)
+    out = tmp_path / "out"
+    config = tiny_config(tmp_path / "tiny.yaml", batch_size=2, max_retries=2)
+    args = [sys.executable, str(REPO / "run_encode.py"), "--shards", str(tmp_path / "in" / "*.tar"),
+            "--output", str(out), "--config", str(config), "--gpus", "0", "--workers", "2", "--no-progress"]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log = open(tmp_path / "killed.log", "w")
+    driver = subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    helpers: set[int] = set()
+    try:
+        deadline = time.time() + 240
+        # Kill once the first shard is committed and others are still being written.
+        while time.time() < deadline and driver.poll() is None:
+            helpers.update(descendants(driver.pid))
+            if list(out.glob("*_stats.json")) and list(out.glob(".*.tmp")):
+                break
+            time.sleep(0.05)
+        assert driver.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+        helpers.update(descendants(driver.pid))
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        log.close()
+        # Ray's processes die with the driver; its agents may linger as orphans: end them by pid.
+        time.sleep(1)
+        kill_pids(sorted(helpers))
+    done_before = _check_final_files(out, tars)  # nothing partial under a final name
+    assert 1 <= done_before < len(tars)
+    # Interrupted shards were written under hidden temporary names (the workers may have
+    # deleted them on their way down, or not): the rerun must redo them from scratch.
+
+    # Rerun; its first worker to finish a batch dies (os._exit) once, mid-shard.
+    marker = tmp_path / "crashed"
+    rerun = subprocess.run(args, cwd=REPO, env={**env, "PAINTERBOT_CRASH_ONCE": str(marker)},
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    assert marker.exists(), "the fault was not injected"
+    assert f"{done_before} already done (skipped)" in rerun.stderr
+    assert "worker died" in rerun.stderr
+    assert _check_final_files(out, tars) == len(tars)  # every shard exactly once
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    summary = json.loads((out / "_summary.json").read_text())
+    assert summary["workers_replaced"] == 1 and summary["retries"] == 1 and summary["shards_failed"] == 0
+    assert summary["shards_encoded"] == len(tars) - done_before
+    attempts = [json.loads((out / f"{t.stem}_stats.json").read_text())["attempt"] for t in tars]
+    assert sorted(attempts)[-1] == 2
+
+
+def test_a_shard_that_keeps_failing_is_retried_then_reported(tmp_path):
+    tars = _shards(tmp_path / "in", count=1, per_shard=2)
+    config = tiny_config(tmp_path / "tiny.yaml", max_retries=1)
+    out = tmp_path / "out"
+    missing = tmp_path / "in" / "00009.tar"
+    options = RunOptions(shards=[str(tars[0]), str(missing)], output=str(out), config=str(config),
+                         device="cpu", use_ray=False, progress=False)  # fmt: skip
+    assert run(options) == 1
+    summary = json.loads((out / "_summary.json").read_text())
+    assert summary["failed_shards"]["00009"]["attempts"] == 2  # 1 + max_retries
+    assert "No such file" in summary["failed_shards"]["00009"]["error"] or "FileNotFound" in summary["failed_shards"]["00009"]["error"]
+    assert (out / "00000_stats.json").exists() and not (out / "00009_stats.json").exists()
+    assert not list(out.glob(".*"))
+    # The next run tries only the failed shard again.
+    missing.write_bytes((tmp_path / "in" / "00000.tar").read_bytes())
+    assert run(options) == 0
+    assert json.loads((out / "_summary.json").read_text())["shards_skipped"] == 1
