@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -97,15 +99,18 @@ def run_demo(args, options_from_args) -> int:
         args.config = str(DEFAULT_CONFIG if cuda else CPU_CONFIG)
     if not cuda and args.gpus is None:
         args.gpus = 0
-    args.shards = [str(shard_dir / "{00000..%05d}.tar" % (len(paths) - 1))]
+        # One single-threaded worker per core: the CPU fit does not scale across threads as well.
+        args.workers = args.workers or min(len(paths), os.cpu_count() or 1)
+    args.shards = [str(shard_dir / ("{00000..%05d}.tar" % (len(paths) - 1)))]
     args.output = args.output or str(root / "strokes")
     print(f"[demo] encoding on {'cuda' if cuda else 'cpu'} with {args.config}")
+    started = time.time()
     code = run(options_from_args(args))
+    print(f"[demo] encoding took {time.time() - started:.0f} s")
     out = Path(args.output)
     previews = []
     for parquet in sorted(out.glob("*.parquet")):
-        size = max(256, _size_of(parquet))
-        previews += render_previews(parquet, out / "previews", size, limit=4)
+        previews += render_previews(parquet, out / "previews", _size_of(parquet), limit=4)
     print(f"[demo] strokes: {out}/*.parquet  stats: {out}/*_stats.json  summary: {out}/_summary.json")
     if previews:
         print(f"[demo] {len(previews)} paintings rendered from the strokes: {out / 'previews'}")

@@ -217,6 +217,9 @@ class Progress:
         self.shards_done = 0
         self.finished = {"images": 0, "ok": 0, "failed": 0, "psnr_sum": 0.0}
         self.live: dict[int, dict] = {}
+        # A bar only on a terminal: in a log file every redraw would be a line. The
+        # per-shard lines and the summary are printed either way.
+        enabled = enabled and sys.stderr.isatty()
         self.bar = tqdm(total=self.expected, unit="img", dynamic_ncols=True, disable=not enabled, mininterval=0.5,
                         smoothing=0.1, desc="encoding", file=sys.stderr)  # fmt: skip
 
@@ -290,6 +293,11 @@ def run(options: RunOptions) -> int:
     shards = make_shards(options.shards)
     if not shards:
         raise ValueError(f"no shards matched {options.shards}")
+    local = [s.url[len("file:"):] if s.url.startswith("file:") else s.url for s in shards]
+    inputs = {str(Path(u).resolve().parent) for u in local if "://" not in u and not u.startswith("pipe:")}
+    if out in inputs:
+        # img2dataset keeps its own {id}.parquet (url metadata) beside each {id}.tar.
+        raise ValueError(f"--output {out} holds input shards: its {{id}}.parquet files would be overwritten")
     todo, skipped = plan(shards, out, overwrite=options.overwrite)
     _log(f"{len(shards)} shard(s): {len(todo)} to encode, {len(skipped)} already done (skipped) -> {out}")
     if not todo:

@@ -1,0 +1,180 @@
+"""Pipeline throughput against the encoder's own: is the GPU ever waiting on the pipeline?
+
+Runs the same images, with the same config, four ways and prints a table:
+
+    reader only        decoding + resize on the worker's reader threads (no fit)
+    encoder only       fit_batch on pre-decoded batches: the ceiling
+    worker, no Ray     ShardEncoder.encode_shard in this process (decode + fit + write overlapped)
+    worker, Ray        the same worker as a Ray actor (one GPU, or one CPU worker), via the driver
+
+The worker rows should be within a few percent of "encoder only"; a larger gap
+means decoding or writing is not hidden behind the fit.
+
+    python benchmarks/bench_pipeline.py                          # GPU if present, default preset
+    python benchmarks/bench_pipeline.py --images 512 --batch-size 32 --json bench.json
+    python benchmarks/bench_pipeline.py --device cpu --config configs/cpu_small.yaml --strokes 50 --size 64 --images 16
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from webdataset import TarWriter
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import encoder  # noqa: E402
+from pipeline.config import CPU_CONFIG, DEFAULT_CONFIG, load_pipeline_config  # noqa: E402
+from pipeline.demo import PHOTOS, photo  # noqa: E402
+from pipeline.reader import ShardReader  # noqa: E402
+from pipeline.shards import make_shards  # noqa: E402
+from pipeline.worker import ShardEncoder  # noqa: E402
+
+
+def build_shards(folder: Path, images: int, per_shard: int, seed: int = 0) -> list[str]:
+    """img2dataset-like shards of ~640 px JPEGs (LAION's typical size): random crops of bundled photos."""
+    rng = np.random.default_rng(seed)
+    sources = [np.asarray(Image.fromarray(photo(name)).convert("RGB")) for name, _ in PHOTOS]
+    folder.mkdir(parents=True, exist_ok=True)
+    paths, i = [], 0
+    for s in range(-(-images // per_shard)):
+        path = folder / f"{s:05d}.tar"
+        with TarWriter(str(path)) as sink:
+            for j in range(min(per_shard, images - i)):
+                src = sources[i % len(sources)]
+                h, w = src.shape[:2]
+                ch, cw = int(h * rng.uniform(0.6, 1)), int(w * rng.uniform(0.6, 1))
+                y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+                crop = Image.fromarray(src[y : y + ch, x : x + cw])
+                scale = 640 / max(crop.size)
+                crop = crop.resize((max(1, round(crop.width * scale)), max(1, round(crop.height * scale))))
+                buffer = io.BytesIO()
+                crop.save(buffer, format="JPEG", quality=90)
+                key = f"{s:05d}{j:04d}"
+                sink.write({"__key__": key, "jpg": buffer.getvalue(), "txt": f"crop {i}",
+                            "json": json.dumps({"url": f"bench://{i}"})})  # fmt: skip
+                i += 1
+        paths.append(str(path))
+    return paths
+
+
+def bench_reader(urls, size, cfg) -> tuple[int, float]:
+    start, count = time.perf_counter(), 0
+    for url in urls:
+        reader = ShardReader(url, size, cfg.max_image_pixels, cfg.min_image_side, cfg.jpeg_draft, cfg.reader_threads)
+        count += sum(1 for r in reader.records() if r.status == "ok")
+    return count, time.perf_counter() - start
+
+
+def bench_encoder(urls, fit, cfg, device) -> tuple[int, float]:
+    targets = []
+    for url in urls:
+        reader = ShardReader(url, fit.size, cfg.max_image_pixels, cfg.min_image_side, cfg.jpeg_draft, cfg.reader_threads)
+        targets += [r.target for r in reader.records() if r.status == "ok"]
+    batches = [torch.stack(targets[i : i + cfg.batch_size]) for i in range(0, len(targets), cfg.batch_size)]
+    encoder.fit_batch(batches[0], fit, device=device, seed=0)  # warm-up: compilation, autotuning
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for k, batch in enumerate(batches):
+        encoder.fit_batch(batch, fit, device=device, seed=k)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return len(targets), time.perf_counter() - start
+
+
+def bench_worker(urls, fit, cfg, device, out: Path) -> tuple[int, float]:
+    worker = ShardEncoder(fit, cfg, device=device, worker_id="bench")
+    shards = make_shards(urls)
+    worker.encode_shard(shards[0].url, "warmup", str(out / "warmup"))  # compile outside the clock
+    start, count = time.perf_counter(), 0
+    for shard in shards:
+        count += worker.encode_shard(shard.url, shard.id, str(out / "no_ray"))["total"]
+    return count, time.perf_counter() - start
+
+
+def bench_ray(urls, args, device, out: Path) -> tuple[int, float, float]:
+    """(images, seconds inside the worker's shards, wall seconds including Ray start-up)."""
+    from pipeline.driver import RunOptions, run
+
+    options = RunOptions(
+        shards=urls, output=str(out / "ray"), config=args.config,
+        encoder_overrides={"strokes": args.strokes, "size": args.size},
+        pipeline_overrides={"batch_size": args.batch_size, "reader_threads": args.reader_threads,
+                            "include_dashboard": False, "workers": 1},
+        device=device, gpus=1 if device.startswith("cuda") else 0, progress=False, overwrite=True,
+    )  # fmt: skip
+    start = time.perf_counter()
+    code = run(options)
+    wall = time.perf_counter() - start
+    if code != 0:
+        raise RuntimeError("the Ray run failed")
+    stats = [json.loads(p.read_text()) for p in sorted((out / "ray").glob("*_stats.json"))]
+    # The first shard carries the actor's warm-up (compilation); the others are steady state.
+    steady = stats[1:] or stats
+    return sum(s["total"] for s in steady), sum(s["seconds"] for s in steady), wall
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config")
+    p.add_argument("--strokes", type=int)
+    p.add_argument("--size", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--reader-threads", type=int)
+    p.add_argument("--device", help="cuda | cpu (default: cuda when present)")
+    p.add_argument("--images", type=int, default=128, help="images per measurement")
+    p.add_argument("--per-shard", type=int, default=32)
+    p.add_argument("--shards", nargs="+", help="use these shards instead of generated ones")
+    p.add_argument("--no-ray", action="store_true", help="skip the Ray row")
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.config = args.config or str(DEFAULT_CONFIG if device.startswith("cuda") else CPU_CONFIG)
+    fit = encoder.load_config(args.config, strokes=args.strokes, size=args.size, device=device)
+    cfg = load_pipeline_config(args.config, batch_size=args.batch_size, reader_threads=args.reader_threads)
+    gpu = torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu"
+    print(f"{gpu}: {fit.strokes} strokes at {fit.size} px, batch {cfg.batch_size}, {cfg.reader_threads} reader threads")
+
+    with tempfile.TemporaryDirectory(prefix="bench_pipeline_") as tmp:
+        tmp = Path(tmp)
+        urls = args.shards or build_shards(tmp / "shards", args.images + args.per_shard, args.per_shard)
+        # The first shard is the warm-up of each row that needs one; the rest is measured.
+        measured = urls[1:] if len(urls) > 1 else urls
+        rows = []
+        n, s = bench_reader(measured, fit.size, cfg)
+        rows.append(("reader only (decode + resize)", n, s, None))
+        n, s = bench_encoder(measured, fit, cfg, device)
+        rows.append(("encoder only (fit_batch)", n, s, None))
+        ceiling = n / s
+        n, s = bench_worker(urls if len(urls) == 1 else measured, fit, cfg, device, tmp / "out")
+        rows.append(("worker, no Ray", n, s, None))
+        if not args.no_ray:
+            n, s, wall = bench_ray(urls, args, device, tmp / "out")
+            rows.append(("worker, Ray actor (steady shards)", n, s, wall))
+
+    print(f"\n{'mode':36s} {'images':>7s} {'seconds':>9s} {'images/s':>9s} {'vs encoder':>10s}")
+    results = []
+    for name, n, s, wall in rows:
+        rate = n / s if s > 0 else float("nan")
+        print(f"{name:36s} {n:7d} {s:9.2f} {rate:9.2f} {rate / ceiling:9.2f}x")
+        results.append({"mode": name, "images": n, "seconds": s, "images_per_second": rate, "vs_encoder": rate / ceiling,
+                        "wall_with_ray_startup": wall})  # fmt: skip
+    if rows[-1][3] is not None:
+        print(f"(the Ray run took {rows[-1][3]:.1f} s wall in all, with Ray start-up and the actor's warm-up shard)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": gpu, "strokes": fit.strokes, "size": fit.size,
+                                               "batch_size": cfg.batch_size, "results": results}, indent=2))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
