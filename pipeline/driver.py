@@ -131,16 +131,19 @@ class RayBackend:
             if want > gpus_available:
                 raise RuntimeError(f"--gpus {want} asked, the Ray cluster has {gpus_available} GPU(s)")
             self.slots = want
+            # Never ask for more CPUs than there are: a GPU actor left pending would idle its GPU.
+            cpus_each = min(float(cfg.cpus_per_worker), cpus / want) if cpus else 0
         else:
             want = slots or cfg.workers
             fit = max(1, cpus // max(1, cfg.cpus_per_worker))
             if want > fit:
                 _log(f"{want} CPU workers asked, {cpus} CPUs available: using {fit}")
             self.slots = min(want, fit)
+            cpus_each = cfg.cpus_per_worker
         crash_once = os.environ.get(CRASH_ONCE_ENV) or None
         # max_concurrency=2: encode_shard runs on one thread while progress() answers on another.
         actor_class = ray.remote(ShardEncoder).options(
-            num_gpus=1 if use_gpu else 0, num_cpus=cfg.cpus_per_worker, max_concurrency=2, max_restarts=0
+            num_gpus=1 if use_gpu else 0, num_cpus=cpus_each, max_concurrency=2, max_restarts=0
         )
         self.make = lambda slot: actor_class.remote(
             asdict(encoder_config), asdict(cfg), "cuda" if use_gpu else "cpu", f"worker-{slot}", True, crash_once
@@ -306,6 +309,9 @@ def run(options: RunOptions) -> int:
         return 0
 
     device, gpus = resolve_device(options.device or fit_config.device, options.gpus)
+    if device == "cpu" and fit_config.strokes * fit_config.size**2 > 200 * 128**2:
+        _log(f"no GPU in use: {fit_config.strokes} strokes at {fit_config.size} px will be slow on CPU "
+             "(configs/cpu_small.yaml is the CPU preset)")  # fmt: skip
     if not options.use_ray and device == "cuda" and (options.device or "").startswith("cuda:"):
         device = options.device  # in-process, a specific GPU may be named
     fit_config = dataclasses.replace(fit_config, device=device)

@@ -118,10 +118,6 @@ class ShardEncoder:
         self._progress = {"shard": None, "images": 0, "ok": 0, "failed": 0, "psnr_sum": 0.0}
 
     # -- small actor API ---------------------------------------------------------------
-    def info(self) -> dict:
-        gpu = torch.cuda.get_device_name(0) if self.device.startswith("cuda") and torch.cuda.is_available() else None
-        return {"worker": self.worker_id, "pid": os.getpid(), "host": socket.gethostname(), "device": self.device, "gpu": gpu}
-
     def progress(self) -> dict:
         """Counters of the shard in progress (polled by the driver from another thread)."""
         with self._lock:
