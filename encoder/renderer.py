@@ -1,12 +1,10 @@
 """One entry point to the two renderers: Triton on CUDA, the dense reference elsewhere.
 
 Callers (the fit loop, the CLI, the pipeline through ``encoder.render``) pick
-a backend once and then call ``render_loss``/``loss_and_grad``/``render``
+a backend once and then call ``loss_and_grad``/``composite``/``render``
 without caring which one runs.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 
@@ -26,18 +24,16 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """``auto`` -> triton on CUDA (or on the CPU under TRITON_INTERPRET=1), else reference."""
+    """``auto`` -> triton on CUDA, the reference elsewhere.
+
+    ``triton`` on the CPU runs the kernels through Triton's interpreter
+    (TRITON_INTERPRET=1): only for tests, far too slow for real work.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     if backend != "auto":
         return backend
-    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return "reference"
-        return "triton"
-    return "reference"
+    return "triton" if device.type == "cuda" else "reference"
 
 
 def loss_and_grad(
