@@ -69,7 +69,7 @@ def _write_parquet(path: Path, rows: list[dict], config: FitConfig) -> None:
         "psnr": pa.array([r.get("psnr") for r in rows], type=pa.float32()),
         "fit_seconds": pa.array([r.get("seconds") for r in rows], type=pa.float32()),
     })
-    meta = {"painterbot.format_version": "1", "painterbot.fields": json.dumps(FIELDS),
+    meta = {"painterbot.format_version": "1", "painterbot.stroke_fields": json.dumps(list(FIELDS)),
             "painterbot.encoder_config": json.dumps(dataclasses.asdict(config))}
     table = table.replace_schema_metadata(meta)
     path.parent.mkdir(parents=True, exist_ok=True)
