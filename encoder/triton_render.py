@@ -104,24 +104,31 @@ def _tile(H, W, inv_h, BH: tl.constexpr, BW: tl.constexpr):
 
 
 @triton.jit
+def _blend(p, c0, c1, c2, x, y, x0, x1, y0, y1, cull_opacity):
+    """Blend the stroke at ``p`` over a canvas tile when it can reach the tile; also says whether it did."""
+    cx = tl.load(p + 0)
+    cy = tl.load(p + 1)
+    mu = tl.load(p + 3)
+    sr = tl.load(p + 4)
+    st = tl.load(p + 5)
+    alpha = tl.load(p + 9)
+    hit = _touches(cx, cy, mu, sr, st, alpha, x0, x1, y0, y1, cull_opacity)
+    if hit:
+        rot = tl.load(p + 2)
+        srm = sr * mu
+        e, u, v, r, rho, phi = _footprint(x, y, cx, cy, tl.cos(rot), tl.sin(rot), mu, 1.0 / (srm * srm), 1.0 / (st * st))
+        a = alpha * e
+        c0 += a * (tl.load(p + 6) - c0)
+        c1 += a * (tl.load(p + 7) - c1)
+        c2 += a * (tl.load(p + 8) - c2)
+    return c0, c1, c2, hit
+
+
+@triton.jit
 def _paint(S, n_strokes, c0, c1, c2, x, y, x0, x1, y0, y1, cull_opacity):
     """Blend strokes 0..n_strokes-1 of one image over a canvas tile (no loss)."""
     for j in range(n_strokes):
-        p = S + j * 10
-        cx = tl.load(p + 0)
-        cy = tl.load(p + 1)
-        mu = tl.load(p + 3)
-        sr = tl.load(p + 4)
-        st = tl.load(p + 5)
-        alpha = tl.load(p + 9)
-        if _touches(cx, cy, mu, sr, st, alpha, x0, x1, y0, y1, cull_opacity):
-            rot = tl.load(p + 2)
-            srm = sr * mu
-            e, u, v, r, rho, phi = _footprint(x, y, cx, cy, tl.cos(rot), tl.sin(rot), mu, 1.0 / (srm * srm), 1.0 / (st * st))
-            a = alpha * e
-            c0 += a * (tl.load(p + 6) - c0)
-            c1 += a * (tl.load(p + 7) - c1)
-            c2 += a * (tl.load(p + 8) - c2)
+        c0, c1, c2, hit = _blend(S + j * 10, c0, c1, c2, x, y, x0, x1, y0, y1, cull_opacity)
     return c0, c1, c2
 
 
@@ -148,21 +155,8 @@ def _forward_kernel(
         err = tl.sum(tl.abs(c0 - t0) + tl.abs(c1 - t1) + tl.abs(c2 - t2))
         total = err * 0.0
         for j in range(N):
-            p = S + j * 10
-            cx = tl.load(p + 0)
-            cy = tl.load(p + 1)
-            mu = tl.load(p + 3)
-            sr = tl.load(p + 4)
-            st = tl.load(p + 5)
-            alpha = tl.load(p + 9)
-            if _touches(cx, cy, mu, sr, st, alpha, x0, x1, y0, y1, cull_opacity):
-                rot = tl.load(p + 2)
-                srm = sr * mu
-                e, u, v, r, rho, phi = _footprint(x, y, cx, cy, tl.cos(rot), tl.sin(rot), mu, 1.0 / (srm * srm), 1.0 / (st * st))
-                a = alpha * e
-                c0 += a * (tl.load(p + 6) - c0)
-                c1 += a * (tl.load(p + 7) - c1)
-                c2 += a * (tl.load(p + 8) - c2)
+            c0, c1, c2, hit = _blend(S + j * 10, c0, c1, c2, x, y, x0, x1, y0, y1, cull_opacity)
+            if hit:
                 err = tl.sum(tl.where(mask, tl.abs(c0 - t0) + tl.abs(c1 - t1) + tl.abs(c2 - t2), 0.0))
             total += err
         tl.atomic_add(LOSS + b, total * loss_scale / tl.maximum(N, 1))
