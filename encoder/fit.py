@@ -160,7 +160,7 @@ def fit_batch(
             canvas_res = None  # the base changed under the group: repaint at the next group
         frozen.append(strokes)
         if canvas_res is not None:
-            canvas = torch.where(worse[:, None, None, None], base, renderer.composite(strokes, base, backend))
+            canvas = renderer.composite(strokes, base, backend)  # null strokes leave a worse image's base as it was
         history.append(10.0 * torch.log10(1.0 / full_error.clamp_min(1e-12)))
         if on_group is not None:
             on_group(g + 1, len(resolutions), history[-1].cpu())
