@@ -247,7 +247,8 @@ def _backward_kernel(
             a = alpha * e
             keep = 1.0 - a
             # Canvas before this stroke: un-blend while it is well conditioned.
-            grown = amp / tl.maximum(keep, 1e-30)
+            inv_keep = 1.0 / tl.maximum(keep, 1e-30)
+            grown = amp * inv_keep
             if tl.max(tl.where(mask, grown, 0.0)) > unblend_limit:
                 p0 = tl.load(BASE + img, mask=mask, other=0.0)
                 p1 = tl.load(BASE + img + plane, mask=mask, other=0.0)
@@ -255,7 +256,6 @@ def _backward_kernel(
                 p0, p1, p2 = _paint(S, k, p0, p1, p2, x, y, x0, x1, y0, y1, cull_opacity)
                 amp = inside * 0.0 + 1.0
             else:
-                inv_keep = 1.0 / tl.maximum(keep, 1e-30)
                 p0 = (c0 - a * cr) * inv_keep
                 p1 = (c1 - a * cg) * inv_keep
                 p2 = (c2 - a * cb) * inv_keep
