@@ -104,6 +104,20 @@ def _tile(H, W, inv_h, BH: tl.constexpr, BW: tl.constexpr):
 
 
 @triton.jit
+def _load_rgb(P, img, plane, mask):
+    """The three colour planes of one tile of a [B, 3, H, W] tensor."""
+    return (tl.load(P + img, mask=mask, other=0.0), tl.load(P + img + plane, mask=mask, other=0.0),
+            tl.load(P + img + 2 * plane, mask=mask, other=0.0))
+
+
+@triton.jit
+def _store_rgb(P, img, plane, mask, v0, v1, v2):
+    tl.store(P + img, v0, mask=mask)
+    tl.store(P + img + plane, v1, mask=mask)
+    tl.store(P + img + 2 * plane, v2, mask=mask)
+
+
+@triton.jit
 def _blend(p, c0, c1, c2, x, y, x0, x1, y0, y1, cull_opacity):
     """Blend the stroke at ``p`` over a canvas tile when it can reach the tile; also says whether it did."""
     cx = tl.load(p + 0)
@@ -141,17 +155,13 @@ def _forward_kernel(
     off, mask, x, y, x0, x1, y0, y1 = _tile(H, W, inv_h, BH, BW)
     plane = H * W
     img = b * 3 * plane + off
-    c0 = tl.load(BASE + img, mask=mask, other=0.0)
-    c1 = tl.load(BASE + img + plane, mask=mask, other=0.0)
-    c2 = tl.load(BASE + img + 2 * plane, mask=mask, other=0.0)
+    c0, c1, c2 = _load_rgb(BASE, img, plane, mask)
     S += b * N * 10
     if LOSS_KIND == 2 and HAS_TARGET:
         # The seed's objective: the error of every prefix canvas C_1..C_N.
         # A culled stroke leaves the tile's error unchanged, so it costs a
         # scalar add instead of a pass over the tile.
-        t0 = tl.load(TARGET + img, mask=mask, other=0.0)
-        t1 = tl.load(TARGET + img + plane, mask=mask, other=0.0)
-        t2 = tl.load(TARGET + img + 2 * plane, mask=mask, other=0.0)
+        t0, t1, t2 = _load_rgb(TARGET, img, plane, mask)
         err = tl.sum(tl.abs(c0 - t0) + tl.abs(c1 - t1) + tl.abs(c2 - t2))
         total = err * 0.0
         for j in range(N):
@@ -163,17 +173,16 @@ def _forward_kernel(
     else:
         c0, c1, c2 = _paint(S, N, c0, c1, c2, x, y, x0, x1, y0, y1, cull_opacity)
         if HAS_TARGET:
-            d0 = c0 - tl.load(TARGET + img, mask=mask, other=0.0)
-            d1 = c1 - tl.load(TARGET + img + plane, mask=mask, other=0.0)
-            d2 = c2 - tl.load(TARGET + img + 2 * plane, mask=mask, other=0.0)
+            t0, t1, t2 = _load_rgb(TARGET, img, plane, mask)
+            d0 = c0 - t0
+            d1 = c1 - t1
+            d2 = c2 - t2
             if LOSS_KIND == 0:
                 err = tl.abs(d0) + tl.abs(d1) + tl.abs(d2)
             else:
                 err = d0 * d0 + d1 * d1 + d2 * d2
             tl.atomic_add(LOSS + b, tl.sum(tl.where(mask, err, 0.0)) * loss_scale)
-    tl.store(CANVAS + img, c0, mask=mask)
-    tl.store(CANVAS + img + plane, c1, mask=mask)
-    tl.store(CANVAS + img + 2 * plane, c2, mask=mask)
+    _store_rgb(CANVAS, img, plane, mask, c0, c1, c2)
 
 
 @triton.jit
@@ -190,12 +199,8 @@ def _backward_kernel(
     off, mask, x, y, x0, x1, y0, y1 = _tile(H, W, inv_h, BH, BW)
     plane = H * W
     img = b * 3 * plane + off
-    c0 = tl.load(CANVAS + img, mask=mask, other=0.0)
-    c1 = tl.load(CANVAS + img + plane, mask=mask, other=0.0)
-    c2 = tl.load(CANVAS + img + 2 * plane, mask=mask, other=0.0)
-    t0 = tl.load(TARGET + img, mask=mask, other=0.0)
-    t1 = tl.load(TARGET + img + plane, mask=mask, other=0.0)
-    t2 = tl.load(TARGET + img + 2 * plane, mask=mask, other=0.0)
+    c0, c1, c2 = _load_rgb(CANVAS, img, plane, mask)
+    t0, t1, t2 = _load_rgb(TARGET, img, plane, mask)
     scale = tl.load(GRAD_LOSS + b) * loss_scale
     inside = tl.where(mask, 1.0, 0.0)
     # lam: adjoint of the current canvas. For the prefix loss it is carried as
@@ -250,9 +255,7 @@ def _backward_kernel(
             inv_keep = 1.0 / tl.maximum(keep, 1e-30)
             grown = amp * inv_keep
             if tl.max(tl.where(mask, grown, 0.0)) > unblend_limit:
-                p0 = tl.load(BASE + img, mask=mask, other=0.0)
-                p1 = tl.load(BASE + img + plane, mask=mask, other=0.0)
-                p2 = tl.load(BASE + img + 2 * plane, mask=mask, other=0.0)
+                p0, p1, p2 = _load_rgb(BASE, img, plane, mask)
                 p0, p1, p2 = _paint(S, k, p0, p1, p2, x, y, x0, x1, y0, y1, cull_opacity)
                 amp = inside * 0.0 + 1.0
             else:
@@ -296,9 +299,7 @@ def _backward_kernel(
             l0 += pending * _sign(c0 - t0) * scale * inside
             l1 += pending * _sign(c1 - t1) * scale * inside
             l2 += pending * _sign(c2 - t2) * scale * inside
-        tl.store(GRAD_BASE + img, l0, mask=mask)
-        tl.store(GRAD_BASE + img + plane, l1, mask=mask)
-        tl.store(GRAD_BASE + img + 2 * plane, l2, mask=mask)
+        _store_rgb(GRAD_BASE, img, plane, mask, l0, l1, l2)
 
 
 def _check(strokes: torch.Tensor, base: torch.Tensor, target: torch.Tensor | None) -> None:
