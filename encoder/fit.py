@@ -30,7 +30,7 @@ class FitResult:
     strokes: torch.Tensor      # [B, N, 10]
     background: torch.Tensor   # [B, 3]
     psnr: torch.Tensor         # [B] at full resolution
-    ok: torch.Tensor           # [B] bool: False where the fit produced non-finite values
+    ok: torch.Tensor           # [B] bool: False where any group diverged (non-finite values)
     seconds: float             # wall time of the whole batch
     group_psnr: torch.Tensor   # [B, groups] PSNR after each group
 
@@ -120,6 +120,7 @@ def fit_batch(
     full_error = (full_canvas - targets).square().mean(dim=(1, 2, 3))
     history = []
     canvas, canvas_res = None, None
+    diverged = torch.zeros(bsz, dtype=torch.bool, device=dev)
 
     for g, (n, res) in enumerate(zip(config.group_sizes(), resolutions)):
         target = pyramid[res]
@@ -152,6 +153,7 @@ def fit_batch(
         new_full = renderer.composite(strokes, full_base, backend)
         new_error = (new_full - targets).square().mean(dim=(1, 2, 3))
         worse = ~(new_error <= full_error)  # NaN counts as worse
+        diverged |= ~torch.isfinite(new_error)  # the painting stays valid, but the caller must know
         strokes = torch.where(worse[:, None, None], null_strokes(bsz, n, dev), strokes)
         full_canvas = torch.where(worse[:, None, None, None], full_canvas, new_full)
         full_error = torch.where(worse, full_error, new_error)
@@ -167,7 +169,7 @@ def fit_batch(
 
     strokes = torch.cat(frozen, 1)
     final_psnr = psnr(full_canvas, targets)
-    ok = torch.isfinite(strokes).all(dim=(1, 2)) & torch.isfinite(final_psnr) & torch.isfinite(background).all(dim=1)
+    ok = ~diverged & torch.isfinite(strokes).all(dim=(1, 2)) & torch.isfinite(final_psnr)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     return FitResult(

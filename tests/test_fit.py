@@ -119,3 +119,24 @@ def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
     config = load_config(path, size=32)
     assert config.strokes == 40 and config.size == 32
     assert len(config.group_resolutions()) == config.groups and config.group_resolutions()[-1] == 32
+
+
+def test_a_diverging_image_is_flagged_and_its_strokes_stay_finite(monkeypatch):
+    """NaN gradients for one image: that image is reported not ok, the other is untouched, no NaN leaks."""
+    from encoder import renderer
+
+    real = renderer.loss_and_grad
+
+    def poisoned(*args, **kwargs):
+        canvas, value, grad, grad_base = real(*args, **kwargs)
+        grad = grad.clone()
+        grad[1] = float("nan")
+        return canvas, value, grad, grad_base
+
+    config = FitConfig(**TINY)
+    clean = fit_batch(torch.stack([photo(11), photo(12)]), config)
+    monkeypatch.setattr(renderer, "loss_and_grad", poisoned)
+    result = fit_batch(torch.stack([photo(11), photo(12)]), config)
+    assert result.ok.tolist() == [True, False]
+    assert torch.isfinite(result.strokes).all() and torch.isfinite(result.background).all()
+    assert torch.equal(result.strokes[0], clean.strokes[0])
