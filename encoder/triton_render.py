@@ -27,8 +27,6 @@ CULL_OPACITY = 1e-7
 # last exact canvas exceeds this, the canvas is recomputed from the base.
 UNBLEND_LIMIT = 64.0
 
-PI = 3.141592653589793
-
 
 @triton.jit
 def _atan2(y, x):
@@ -387,6 +385,10 @@ class RenderLoss(torch.autograd.Function):
 
 
 def render_loss(strokes: torch.Tensor, base: torch.Tensor, target: torch.Tensor, loss: str = "l2"):
-    """Differentiable fused render + loss. Returns ``(canvas, loss [B])``."""
+    """Differentiable fused render + loss. Returns ``(canvas, loss [B])``.
+
+    ``base`` may be anything that broadcasts to the target, e.g. ``[B, 3, 1, 1]`` colours.
+    """
+    base = base.expand(target.shape)
     _check(strokes, base, target)
-    return RenderLoss.apply(strokes, base.expand(target.shape) if base.shape != target.shape else base, target, loss)
+    return RenderLoss.apply(strokes, base, target, loss)

@@ -87,8 +87,7 @@ def test_autograd_function_matches_reference():
     s = compact(random_strokes(2, 6, generator=gen)).requires_grad_(True)
     bg = torch.rand(2, 3, generator=gen).requires_grad_(True)
     tgt = torch.rand(2, 3, 12, 12, generator=gen)
-    base = bg[:, :, None, None].expand(-1, -1, 12, 12)
-    _, value = triton_render.render_loss(s, base, tgt, "l2")
+    _, value = triton_render.render_loss(s, bg[:, :, None, None], tgt, "l2")  # broadcast background
     (value * torch.tensor([1.0, 2.0])).sum().backward()
     s2 = s.detach().double().requires_grad_(True)
     bg2 = bg.detach().double().requires_grad_(True)
