@@ -106,7 +106,7 @@ def cmd_fit(args) -> int:
             print(json.dumps(row), flush=True)
             rows.append({**row, "_strokes": None})
     failed = len(rows)
-    batch = args.batch_size or (16 if device.type == "cuda" else 1)
+    batch = args.batch_size or (32 if device.type == "cuda" else 1)
     for start in range(0, len(good), batch):
         chunk = good[start:start + batch]
         targets = torch.stack([t for _, t in chunk])
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     fit.add_argument("--size", type=int)
     fit.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     fit.add_argument("--seed", type=int)
-    fit.add_argument("--batch-size", type=int, help="images fitted together (default 16 on CUDA, 1 on CPU)")
+    fit.add_argument("--batch-size", type=int, help="images fitted together (default 32 on CUDA, 1 on CPU)")
     fit.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="any other config value")
     fit.add_argument("-o", "--output", type=Path, help="Parquet file for the strokes")
     fit.add_argument("--preview", type=Path, help="folder for a PNG of each painting")
