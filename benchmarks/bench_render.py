@@ -80,7 +80,7 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[512])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--strokes", type=int, default=50)
-    ap.add_argument("--tiles", nargs="+", default=["16x16:4", "16x32:4", "32x32:8"], help="tile HxW:warps variants")
+    ap.add_argument("--tiles", nargs="+", default=["16x32:4", "32x32:2"], help="tile HxW:warps variants")
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()

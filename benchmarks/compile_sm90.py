@@ -28,10 +28,10 @@ ADAM = dict(P=P, G=P, M=P, V=P, LR=P, LO=P, HI=P, n="i32", b1="fp32", b2="fp32",
 
 for kind in (0, 1, 2):
     for has_target in (True, False):
-        consts = dict(LOSS_KIND=kind, HAS_TARGET=has_target, BH=16, BW=32)
-        triton.compile(ASTSource(tr._forward_kernel, FWD, consts), target=TARGET, options={"num_warps": 4})
-    consts = dict(LOSS_KIND=kind, BASE_GRAD=True, BH=16, BW=32)
-    triton.compile(ASTSource(tr._backward_kernel, BWD, consts), target=TARGET, options={"num_warps": 4})
+        consts = dict(LOSS_KIND=kind, HAS_TARGET=has_target, BH=32, BW=32)
+        triton.compile(ASTSource(tr._forward_kernel, FWD, consts), target=TARGET, options={"num_warps": 2})
+    consts = dict(LOSS_KIND=kind, BASE_GRAD=True, BH=32, BW=32)
+    triton.compile(ASTSource(tr._backward_kernel, BWD, consts), target=TARGET, options={"num_warps": 2})
     print(f"loss kind {kind}: forward and backward compile for sm_90")
-triton.compile(ASTSource(optim._adam_kernel, ADAM, dict(FIELDS=10, BLOCK=1024)), target=TARGET, options={"num_warps": 4})
+triton.compile(ASTSource(optim._adam_kernel, ADAM, dict(FIELDS=10, BLOCK=1024)), target=TARGET, options={"num_warps": 2})
 print("fused Adam step compiles for sm_90")

@@ -318,7 +318,7 @@ def _grid(b: int, h: int, w: int, tile: tuple[int, int]) -> tuple[int, int]:
 
 def forward(
     strokes: torch.Tensor, base: torch.Tensor, target: torch.Tensor | None = None, loss: str = "l2",
-    tile: tuple[int, int] = (16, 32), num_warps: int = 4,
+    tile: tuple[int, int] = (32, 32), num_warps: int = 2,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Canvas ``[B, 3, H, W]`` and loss ``[B]`` (None without target). No autograd."""
     _check(strokes, base, target)
@@ -339,7 +339,7 @@ def forward(
 def backward(
     strokes: torch.Tensor, base: torch.Tensor, target: torch.Tensor, canvas: torch.Tensor, grad_loss: torch.Tensor,
     loss: str = "l2", base_grad: bool = False, grad_strokes: torch.Tensor | None = None,
-    tile: tuple[int, int] = (16, 32), num_warps: int = 4,
+    tile: tuple[int, int] = (32, 32), num_warps: int = 2,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gradients of ``sum_b grad_loss[b] * loss[b]`` w.r.t. strokes ``[B, N, 10]`` (and base).
 

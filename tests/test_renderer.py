@@ -17,15 +17,16 @@ def compact(s: torch.Tensor) -> torch.Tensor:
     return s
 
 
-def check(s, base, tgt, loss, fwd_tol=1e-4, grad_tol=1e-3):
-    canvas, value = triton_render.forward(s, base, tgt, loss)
+def check(s, base, tgt, loss, fwd_tol=1e-4, grad_tol=1e-3, tile=(8, 16)):
+    """Small tiles by default, so these tiny images span several tiles and culling is exercised."""
+    canvas, value = triton_render.forward(s, base, tgt, loss, tile=tile)
     sd = s.double().requires_grad_(True)
     bd = base.double().requires_grad_(True)
     ref_canvas, ref_value = reference.render_loss(sd, bd, tgt.double(), loss)
     assert (canvas.double() - ref_canvas).abs().max().item() < fwd_tol
     assert torch.allclose(value.double(), ref_value.detach(), rtol=1e-4, atol=1e-6)
     ref_value.sum().backward()
-    grad, grad_base = triton_render.backward(s, base, tgt, canvas, torch.ones(s.shape[0]), loss, base_grad=True)
+    grad, grad_base = triton_render.backward(s, base, tgt, canvas, torch.ones(s.shape[0]), loss, base_grad=True, tile=tile)
     # Relative error per field, over all strokes of the batch.
     err = (grad.double() - sd.grad).norm(dim=(0, 1))
     scale = sd.grad.norm(dim=(0, 1))
@@ -42,6 +43,12 @@ def test_random_strokes_match_reference(shape, loss):
     base = torch.rand(b, 3, h, w, generator=gen)
     tgt = torch.rand(b, 3, h, w, generator=gen)  # a different target per image
     check(s, base, tgt, loss)
+
+
+def test_default_tile_matches_reference():
+    gen = torch.Generator().manual_seed(21)
+    s = compact(random_strokes(2, 6, 40 / 36, generator=gen))
+    check(s, torch.rand(2, 3, 36, 40, generator=gen), torch.rand(2, 3, 36, 40, generator=gen), "l2", tile=(32, 32))
 
 
 @pytest.mark.parametrize("loss", LOSSES)
