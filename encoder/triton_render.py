@@ -13,6 +13,8 @@ Shapes: strokes ``[B, N, 10]``, base/target/canvas ``[B, 3, H, W]``, float32.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -316,11 +318,34 @@ def _grid(b: int, h: int, w: int, tile: tuple[int, int]) -> tuple[int, int]:
     return (triton.cdiv(h, tile[0]) * triton.cdiv(w, tile[1]), b)
 
 
+# (rows, columns, warps), best first: 32 x 32 on 2 warps gives each thread 16
+# pixels, over which the per-stroke tile reductions amortise (run 11 in
+# benchmarks/RESULTS.md); smaller tiles only when the big ones leave SMs idle.
+TILES = ((32, 32, 2), (16, 32, 4), (16, 16, 4))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def pick_tile(b: int, h: int, w: int, device: torch.device) -> tuple[tuple[int, int], int]:
+    """The largest tile that still gives every SM two programs, else the smallest: ``((BH, BW), warps)``."""
+    for bh, bw, warps in TILES:
+        if b * triton.cdiv(h, bh) * triton.cdiv(w, bw) >= 2 * _sm_count(device):
+            return (bh, bw), warps
+    bh, bw, warps = TILES[-1]
+    return (bh, bw), warps
+
+
 def forward(
     strokes: torch.Tensor, base: torch.Tensor, target: torch.Tensor | None = None, loss: str = "l2",
-    tile: tuple[int, int] = (32, 32), num_warps: int = 2,
+    tile: tuple[int, int] | None = None, num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Canvas ``[B, 3, H, W]`` and loss ``[B]`` (None without target). No autograd."""
+    """Canvas ``[B, 3, H, W]`` and loss ``[B]`` (None without target). No autograd.
+
+    ``tile``/``num_warps`` default to ``pick_tile``'s choice for the shape.
+    """
     _check(strokes, base, target)
     strokes, base = strokes.contiguous(), base.contiguous()
     target = target.contiguous() if target is not None else None
@@ -328,6 +353,9 @@ def forward(
     h, w = base.shape[-2:]
     canvas = torch.empty_like(base)
     value = torch.zeros(bsz, device=base.device, dtype=torch.float32)
+    if tile is None:
+        tile, num_warps = pick_tile(bsz, h, w, base.device)
+    num_warps = num_warps or 4
     _forward_kernel[_grid(bsz, h, w, tile)](
         strokes, base, target if target is not None else base, canvas, value,
         n, h, w, 1.0 / h, 1.0 / (3 * h * w), CULL_OPACITY,
@@ -339,7 +367,7 @@ def forward(
 def backward(
     strokes: torch.Tensor, base: torch.Tensor, target: torch.Tensor, canvas: torch.Tensor, grad_loss: torch.Tensor,
     loss: str = "l2", base_grad: bool = False, grad_strokes: torch.Tensor | None = None,
-    tile: tuple[int, int] = (32, 32), num_warps: int = 2,
+    tile: tuple[int, int] | None = None, num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gradients of ``sum_b grad_loss[b] * loss[b]`` w.r.t. strokes ``[B, N, 10]`` (and base).
 
@@ -351,6 +379,9 @@ def backward(
     if grad_strokes is None:
         grad_strokes = torch.zeros_like(strokes)
     grad_base = torch.empty_like(base) if base_grad else None
+    if tile is None:
+        tile, num_warps = pick_tile(bsz, h, w, base.device)
+    num_warps = num_warps or 4
     _backward_kernel[_grid(bsz, h, w, tile)](
         strokes, base, target, canvas, grad_loss.contiguous(), grad_strokes, grad_base if base_grad else base,
         n, h, w, 1.0 / h, 1.0 / (3 * h * w), CULL_OPACITY, UNBLEND_LIMIT,
