@@ -63,8 +63,11 @@ def main() -> None:
     targets = torch.stack([pil_to_tensor(center_crop_resize(load_photo(n), size)) for n in names]).cuda()
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  images: {' '.join(names)}", flush=True)
     variants = json.loads(args.variants.read_text()) if args.variants else [{"name": "config", "overrides": {}}]
-    warm = load_config(args.config, **{**base_overrides, "strokes": 100, "steps": 5})
-    fit_batch(targets[:2], warm, device="cuda")  # compile the kernels outside the timings
+    # Compile every kernel variant the timed runs use (tile shapes depend on the
+    # batch and the resolution) outside the timings: each shape, every group, 2 steps.
+    warm = load_config(args.config, **{**base_overrides, "steps": 2})
+    for b in {args.batch, 1}:
+        fit_batch(targets[:1].repeat(b, 1, 1, 1), warm, device="cuda")
     results = []
     for variant in variants:
         config = load_config(args.config, **{**base_overrides, **variant.get("overrides", {})})
