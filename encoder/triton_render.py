@@ -85,7 +85,8 @@ def _footprint(x, y, cx, cy, cs, sn, mu, inv_sr2, inv_st2):
 
 @triton.jit
 def _tile(H, W, inv_h, BH: tl.constexpr, BW: tl.constexpr):
-    """Pixel offsets, mask, pixel-centre coordinates and the tile's bounding box."""
+    """This program's image, pixel offsets into it, mask, pixel-centre coordinates and the tile's box."""
+    b = tl.program_id(1).to(tl.int64)
     pid = tl.program_id(0)
     n_tw = tl.cdiv(W, BW)
     row0 = (pid // n_tw) * BH
@@ -100,7 +101,8 @@ def _tile(H, W, inv_h, BH: tl.constexpr, BW: tl.constexpr):
     x1 = (tl.minimum(col0 + BW, W) - 0.5) * inv_h
     y0 = (row0 + 0.5) * inv_h
     y1 = (tl.minimum(row0 + BH, H) - 0.5) * inv_h
-    return rows * W + cols, mask, x, y, x0, x1, y0, y1
+    plane = H * W
+    return b, b * 3 * plane + rows * W + cols, plane, mask, x, y, x0, x1, y0, y1
 
 
 @triton.jit
@@ -151,10 +153,7 @@ def _forward_kernel(
     S, BASE, TARGET, CANVAS, LOSS, N, H, W, inv_h, loss_scale, cull_opacity,
     LOSS_KIND: tl.constexpr, HAS_TARGET: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
 ):
-    b = tl.program_id(1).to(tl.int64)
-    off, mask, x, y, x0, x1, y0, y1 = _tile(H, W, inv_h, BH, BW)
-    plane = H * W
-    img = b * 3 * plane + off
+    b, img, plane, mask, x, y, x0, x1, y0, y1 = _tile(H, W, inv_h, BH, BW)
     c0, c1, c2 = _load_rgb(BASE, img, plane, mask)
     S += b * N * 10
     if LOSS_KIND == 2 and HAS_TARGET:
@@ -195,10 +194,7 @@ def _backward_kernel(
     S, BASE, TARGET, CANVAS, GRAD_LOSS, GRAD_S, GRAD_BASE, N, H, W, inv_h, loss_scale, cull_opacity, unblend_limit,
     LOSS_KIND: tl.constexpr, BASE_GRAD: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
 ):
-    b = tl.program_id(1).to(tl.int64)
-    off, mask, x, y, x0, x1, y0, y1 = _tile(H, W, inv_h, BH, BW)
-    plane = H * W
-    img = b * 3 * plane + off
+    b, img, plane, mask, x, y, x0, x1, y0, y1 = _tile(H, W, inv_h, BH, BW)
     c0, c1, c2 = _load_rgb(CANVAS, img, plane, mask)
     t0, t1, t2 = _load_rgb(TARGET, img, plane, mask)
     scale = tl.load(GRAD_LOSS + b) * loss_scale
