@@ -149,7 +149,6 @@ class RayBackend:
             asdict(encoder_config), asdict(cfg), "cuda" if use_gpu else "cpu", f"worker-{slot}", True, crash_once
         )
         self.actors = [self.make(slot) for slot in range(self.slots)]
-        self.generation = [0] * self.slots
         self._progress_refs: dict[int, object] = {}
 
     def submit(self, slot: int, shard: Shard, out: str, attempt: int, last: bool):
