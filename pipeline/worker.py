@@ -183,7 +183,10 @@ class ShardEncoder:
                 thread.start()
             index = 0
             while (chunk := _get(chunks, stop)) is not _END:
-                rows, seconds = self._fit_chunk(chunk, (seed_base + index) % 2**31, fitted_before=fitted > 0)
+                # fit_batch gives image i of a batch seed + i: stride by the batch so no two
+                # images of a shard share a random stream.
+                seed = (seed_base + index * cfg.batch_size) % 2**31
+                rows, seconds = self._fit_chunk(chunk, seed, fitted_before=fitted > 0)
                 index += 1
                 if seconds is None:
                     raise RuntimeError(f"every image of batch {index} raised in fit_batch: {rows[0]['error_message']}")
