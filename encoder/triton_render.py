@@ -120,14 +120,15 @@ def _store_rgb(P, img, plane, mask, v0, v1, v2):
 
 
 @triton.jit
+def _load_extent(p):
+    """The fields of the stroke at ``p`` that decide its reach: centre, mu_r, sigmas, alpha."""
+    return tl.load(p + 0), tl.load(p + 1), tl.load(p + 3), tl.load(p + 4), tl.load(p + 5), tl.load(p + 9)
+
+
+@triton.jit
 def _blend(p, c0, c1, c2, x, y, x0, x1, y0, y1, cull_opacity):
     """Blend the stroke at ``p`` over a canvas tile when it can reach the tile; also says whether it did."""
-    cx = tl.load(p + 0)
-    cy = tl.load(p + 1)
-    mu = tl.load(p + 3)
-    sr = tl.load(p + 4)
-    st = tl.load(p + 5)
-    alpha = tl.load(p + 9)
+    cx, cy, mu, sr, st, alpha = _load_extent(p)
     hit = _touches(cx, cy, mu, sr, st, alpha, x0, x1, y0, y1, cull_opacity)
     if hit:
         rot = tl.load(p + 2)
@@ -223,12 +224,7 @@ def _backward_kernel(
     for i in range(N):
         k = N - 1 - i
         p = S + k * 10
-        cx = tl.load(p + 0)
-        cy = tl.load(p + 1)
-        mu = tl.load(p + 3)
-        sr = tl.load(p + 4)
-        st = tl.load(p + 5)
-        alpha = tl.load(p + 9)
+        cx, cy, mu, sr, st, alpha = _load_extent(p)
         if _touches(cx, cy, mu, sr, st, alpha, x0, x1, y0, y1, cull_opacity):
             if LOSS_KIND == 2:
                 l0 += pending * _sign(c0 - t0) * scale * inside
