@@ -50,9 +50,11 @@ def loss_and_grad(
     if backend == "triton":
         from . import triton_render
 
-        canvas, value = triton_render.forward(strokes, base, target, loss)
+        prepared = triton_render.prepare(strokes)
+        canvas, value = triton_render.forward(strokes, base, target, loss, prepared=prepared)
         ones = torch.ones_like(value)
-        grad, grad_base = triton_render.backward(strokes, base, target, canvas, ones, loss, base_grad, grad_out)
+        grad, grad_base = triton_render.backward(strokes, base, target, canvas, ones, loss, base_grad, grad_out,
+                                                 prepared=prepared)
         return canvas, value, grad, grad_base
     with torch.enable_grad():
         s = strokes.detach().requires_grad_(True)

@@ -1,19 +1,24 @@
 """Fused Triton renderer: forward and backward of the stroke model with a fused loss.
 
 One program paints one tile of one image: it walks the strokes back to front,
-blending in registers, and skips every stroke whose conservative footprint
-bound misses the tile (culling). The backward program walks the strokes in
+blending in registers, and skips every stroke whose footprint provably misses
+the tile (culling, `_reach`). The backward program walks the strokes in
 reverse, carrying the adjoint of the canvas, recovers each earlier canvas by
-un-blending (recomputing it exactly from the base when un-blending would
+un-blending (recomputing it exactly from the base when un-blending could
 amplify rounding error too much), reduces each stroke's gradient over its
 tile and adds it once with an atomic add. Nothing of size N x H x W is ever
 materialised: memory is O(B x H x W).
+
+A small kernel first derives, once per stroke, what every tile would
+otherwise recompute (pole, rotation, inverse widths, culling radius): the
+"prepared" strokes, ``[B, N, PREP]``.
 
 Shapes: strokes ``[B, N, 10]``, base/target/canvas ``[B, 3, H, W]``, float32.
 """
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -25,22 +30,64 @@ LOSS_KINDS = {"l1": 0, "l2": 1, "prefix_l1": 2}
 # CULL_OPACITY everywhere on it, so culling changes a pixel by less than
 # N * CULL_OPACITY (1e-4 at N = 1000).
 CULL_OPACITY = 1e-7
-# Un-blending divides by (1 - a); once the product of those divisors since the
-# last exact canvas exceeds this, the canvas is recomputed from the base.
+# Un-blending divides by (1 - a); once a bound on the product of those
+# divisors since the last exact canvas exceeds this, the canvas is recomputed
+# from the base instead.
 UNBLEND_LIMIT = 64.0
+
+# Fields of a prepared stroke (see _prepare_kernel).
+(P_CX, P_CY, P_REACH2, P_PX, P_PY, P_COS, P_SIN, P_MU, P_KR, P_KT, P_KR2, P_KT2, P_LOG_RATIO, P_ALPHA,
+ P_SRM) = range(15)
+PREP = 16
+_NEG_HALF_LOG2E = -0.7213475204444817  # exp(-q) = exp2(q * -log2(e))
+
+
+def _fast_math() -> bool:
+    """Approximate PTX reciprocal, rsqrt and exp2 on the GPU; plain operations under the CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") != "1"
 
 
 @triton.jit
-def _atan2(y, x):
+def _rcp(x, FAST: tl.constexpr):
+    # Triton's `/` is div.full.f32, which guards huge divisors; none of ours are.
+    if FAST:
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return 1.0 / x
+
+
+@triton.jit
+def _rsqrt(x, FAST: tl.constexpr):
+    if FAST:
+        return tl.inline_asm_elementwise("rsqrt.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return 1.0 / tl.sqrt(x)
+
+
+@triton.jit
+def _exp2(x, FAST: tl.constexpr):
+    # tl.exp2 is ex2.approx.f32, which also handles denormal results; an
+    # opacity below 1e-38 is zero to us.
+    if FAST:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.exp2(x)
+
+
+@triton.jit
+def _atan2(y, x, FAST: tl.constexpr):
     # Cephes' single-precision arctangent after folding into [0, pi/4]
     # (a portable atan2: libdevice differs between Triton versions).
     ax = tl.abs(x)
     ay = tl.abs(y)
     hi = tl.maximum(ax, ay)
     lo = tl.minimum(ax, ay)
-    t = lo / tl.maximum(hi, 1e-30)
+    t = lo * _rcp(tl.maximum(hi, 1e-30), FAST)
     big = t > 0.4142135623730950
-    z = tl.where(big, (t - 1.0) / (t + 1.0), t)
+    z = tl.where(big, (t - 1.0) * _rcp(t + 1.0, FAST), t)
     z2 = z * z
     p = (((8.05374449538e-2 * z2 - 1.38776856032e-1) * z2 + 1.99777106478e-1) * z2 - 3.33329491539e-1) * z2 * z + z
     a = tl.where(big, 0.7853981633974483 + p, p)
@@ -50,42 +97,142 @@ def _atan2(y, x):
 
 
 @triton.jit
-def _touches(cx, cy, mu, sr, st, alpha, x0, x1, y0, y1, cull_opacity):
-    """Whether a stroke can reach opacity >= cull_opacity anywhere in the box [x0, x1] x [y0, y1].
+def _prepare_kernel(S, PREPARED, total, cull_opacity, BLOCK: tl.constexpr):
+    """Per stroke: the pole, cos/sin of the rotation, inverse squared widths, and the culling bounds.
 
     Where q <= log(alpha / cull), |rho| <= sr * mu * k and |phi| <= st * k with
     k = sqrt(2 log(alpha / cull)): an annular sector around the pole whose
     farthest point from the stroke centre is at radius mu + dr and angle
-    phi_max, which bounds the footprint by a disc around the centre.
+    phi_max. That bounds the footprint by a disc around the centre, the
+    cheap first test of `_reach`.
     """
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = i < total
+    s = S + i.to(tl.int64) * 10
+    cx = tl.load(s + 0, mask=m, other=0.0)
+    cy = tl.load(s + 1, mask=m, other=0.0)
+    rot = tl.load(s + 2, mask=m, other=0.0)
+    mu = tl.load(s + 3, mask=m, other=1.0)
+    sr = tl.load(s + 4, mask=m, other=1.0)
+    st = tl.load(s + 5, mask=m, other=1.0)
+    alpha = tl.load(s + 9, mask=m, other=1.0)
+    cs = tl.cos(rot)
+    sn = tl.sin(rot)
+    srm = sr * mu
+    kr = 1.0 / (srm * srm)
+    kt = 1.0 / (st * st)
     log_ratio = tl.log(alpha / cull_opacity)
     k = tl.sqrt(2.0 * tl.maximum(log_ratio, 0.0))
-    outer = mu + sr * mu * k
+    outer = mu + srm * k
     phi_max = tl.minimum(st * k, 3.141592653589793)
     reach2 = outer * outer + mu * mu - 2.0 * outer * mu * tl.cos(phi_max)
     reach = tl.sqrt(tl.maximum(reach2, 0.0)) * 1.001 + 1e-6
-    gx = tl.maximum(tl.maximum(x0 - cx, cx - x1), 0.0)
-    gy = tl.maximum(tl.maximum(y0 - cy, cy - y1), 0.0)
-    return (gx * gx + gy * gy <= reach * reach) & (log_ratio > 0.0)
+    p = PREPARED + i.to(tl.int64) * 16
+    tl.store(p + 0, cx, mask=m)
+    tl.store(p + 1, cy, mask=m)
+    tl.store(p + 2, tl.where(log_ratio > 0.0, reach * reach, -1.0), mask=m)
+    tl.store(p + 3, cx - cs * mu, mask=m)
+    tl.store(p + 4, cy + sn * mu, mask=m)
+    tl.store(p + 5, cs, mask=m)
+    tl.store(p + 6, sn, mask=m)
+    tl.store(p + 7, mu, mask=m)
+    tl.store(p + 8, kr, mask=m)
+    tl.store(p + 9, kt, mask=m)
+    tl.store(p + 10, kr * -0.7213475204444817, mask=m)
+    tl.store(p + 11, kt * -0.7213475204444817, mask=m)
+    tl.store(p + 12, log_ratio, mask=m)
+    tl.store(p + 13, alpha, mask=m)
+    tl.store(p + 14, srm, mask=m)
+    tl.store(p + 15, 0.0 * cx, mask=m)
 
 
 @triton.jit
-def _footprint(x, y, cx, cy, cs, sn, mu, inv_sr2, inv_st2):
-    """Normalised opacity exp(-q) of one stroke over a tile, with the polar intermediates."""
-    dx = x - cx + cs * mu
-    dy = y - cy - sn * mu
+def _reach(P, x0, x1, y0, y1):
+    """Whether the prepared stroke at ``P`` can reach CULL opacity in the box [x0, x1] x [y0, y1],
+    and a lower bound of its exponent q over the box (its opacity there is at most alpha * exp(-q)).
+
+    First the disc around the centre (cheap, rules out far tiles); then the
+    annular sector itself, since q = (kr rho^2 + kt phi^2) / 2 is at least the
+    sum of the two terms' minima over the box:
+    - |rho| is at least the gap between the ring of radius mu and the range
+      of the box's distances from the pole;
+    - unless the box straddles the phi = 0 ray, |phi| is smallest at a corner,
+      the one of largest cos(phi), and phi^2 >= 2 (1 - cos(phi)) on [0, pi]
+      (tight for the small angles where culling decides; no arctangent).
+    """
+    cx = tl.load(P + 0)
+    cy = tl.load(P + 1)
+    reach2 = tl.load(P + 2)
+    gx = tl.maximum(tl.maximum(x0 - cx, cx - x1), 0.0)
+    gy = tl.maximum(tl.maximum(y0 - cy, cy - y1), 0.0)
+    hit = gx * gx + gy * gy <= reach2
+    q_min = 0.0 * cx
+    if hit:
+        ax0 = x0 - tl.load(P + 3)
+        ax1 = x1 - tl.load(P + 3)
+        ay0 = y0 - tl.load(P + 4)
+        ay1 = y1 - tl.load(P + 4)
+        cs = tl.load(P + 5)
+        sn = tl.load(P + 6)
+        mu = tl.load(P + 7)
+        nx = tl.maximum(tl.maximum(ax0, -ax1), 0.0)
+        ny = tl.maximum(tl.maximum(ay0, -ay1), 0.0)
+        fx = tl.maximum(tl.abs(ax0), tl.abs(ax1))
+        fy = tl.maximum(tl.abs(ay0), tl.abs(ay1))
+        d_near = tl.sqrt(nx * nx + ny * ny)
+        d_far = tl.sqrt(fx * fx + fy * fy)
+        # The 1e-6 slacks absorb float32 rounding.
+        rho_min = tl.maximum(tl.maximum(d_near - mu, mu - d_far) - 1e-6, 0.0)
+        u00 = cs * ax0 - sn * ay0
+        v00 = sn * ax0 + cs * ay0
+        u01 = cs * ax0 - sn * ay1
+        v01 = sn * ax0 + cs * ay1
+        u10 = cs * ax1 - sn * ay0
+        v10 = sn * ax1 + cs * ay0
+        u11 = cs * ax1 - sn * ay1
+        v11 = sn * ax1 + cs * ay1
+        v_hi = tl.maximum(tl.maximum(v00, v01), tl.maximum(v10, v11))
+        v_lo = tl.minimum(tl.minimum(v00, v01), tl.minimum(v10, v11))
+        u_hi = tl.maximum(tl.maximum(u00, u01), tl.maximum(u10, u11))
+        cos_max = tl.maximum(tl.maximum(_cos_of(u00, v00), _cos_of(u01, v01)),
+                             tl.maximum(_cos_of(u10, v10), _cos_of(u11, v11)))
+        straddles = (v_hi >= 0.0) & (v_lo <= 0.0) & (u_hi >= 0.0)
+        one_minus_cos = tl.where(straddles, 0.0, tl.maximum(1.0 - cos_max - 1e-6, 0.0))
+        q_min = 0.5 * tl.load(P + 8) * rho_min * rho_min + tl.load(P + 9) * one_minus_cos
+        hit = q_min <= tl.load(P + 12)
+    return hit, q_min
+
+
+@triton.jit
+def _cos_of(u, v):
+    """cos of the angle of (u, v) from the u axis."""
+    return u / tl.sqrt(tl.maximum(u * u + v * v, 1e-30))
+
+
+@triton.jit
+def _footprint(xs, ys, P, FAST: tl.constexpr):
+    """Normalised opacity exp(-q) of the prepared stroke at ``P`` over a tile, with the polar intermediates.
+
+    ``xs`` is a row of pixel-centre x ([1, BW]) and ``ys`` a column ([BH, 1]):
+    the rotation is applied to each before they broadcast to the tile.
+    """
+    cs = tl.load(P + 5)
+    sn = tl.load(P + 6)
+    dx = xs - tl.load(P + 3)
+    dy = ys - tl.load(P + 4)
     u = cs * dx - sn * dy
     v = sn * dx + cs * dy
-    r = tl.sqrt(tl.maximum(u * u + v * v, 1e-24))
-    rho = r - mu
-    phi = _atan2(v, u)
-    e = tl.exp(-0.5 * (rho * rho * inv_sr2 + phi * phi * inv_st2))
-    return e, u, v, r, rho, phi
+    rr = tl.maximum(u * u + v * v, 1e-24)
+    inv_r = _rsqrt(rr, FAST)
+    rho = rr * inv_r - tl.load(P + 7)
+    phi = _atan2(v, u, FAST)
+    e = _exp2(rho * rho * tl.load(P + 10) + phi * phi * tl.load(P + 11), FAST)
+    return e, u, v, inv_r, rho, phi
 
 
 @triton.jit
 def _tile(H, W, inv_h, BH: tl.constexpr, BW: tl.constexpr):
-    """This program's image, pixel offsets into it, mask, pixel-centre coordinates and the tile's box."""
+    """This program's image, pixel offsets into it, mask, pixel-centre row/column coordinates and the tile's box."""
     b = tl.program_id(1).to(tl.int64)
     pid = tl.program_id(0)
     n_tw = tl.cdiv(W, BW)
@@ -94,15 +241,14 @@ def _tile(H, W, inv_h, BH: tl.constexpr, BW: tl.constexpr):
     rows = row0 + tl.arange(0, BH)[:, None]
     cols = col0 + tl.arange(0, BW)[None, :]
     mask = (rows < H) & (cols < W)
-    zero = tl.zeros([BH, BW], dtype=tl.float32)
-    x = (cols.to(tl.float32) + 0.5) * inv_h + zero
-    y = (rows.to(tl.float32) + 0.5) * inv_h + zero
+    xs = (cols.to(tl.float32) + 0.5) * inv_h
+    ys = (rows.to(tl.float32) + 0.5) * inv_h
     x0 = (col0 + 0.5) * inv_h
     x1 = (tl.minimum(col0 + BW, W) - 0.5) * inv_h
     y0 = (row0 + 0.5) * inv_h
     y1 = (tl.minimum(row0 + BH, H) - 0.5) * inv_h
     plane = H * W
-    return b, b * 3 * plane + rows * W + cols, plane, mask, x, y, x0, x1, y0, y1
+    return b, b * 3 * plane + rows * W + cols, plane, mask, xs, ys, x0, x1, y0, y1
 
 
 @triton.jit
@@ -120,43 +266,36 @@ def _store_rgb(P, img, plane, mask, v0, v1, v2):
 
 
 @triton.jit
-def _load_extent(p):
-    """The fields of the stroke at ``p`` that decide its reach: centre, mu_r, sigmas, alpha."""
-    return tl.load(p + 0), tl.load(p + 1), tl.load(p + 3), tl.load(p + 4), tl.load(p + 5), tl.load(p + 9)
-
-
-@triton.jit
-def _blend(p, c0, c1, c2, x, y, x0, x1, y0, y1, cull_opacity):
-    """Blend the stroke at ``p`` over a canvas tile when it can reach the tile; also says whether it did."""
-    cx, cy, mu, sr, st, alpha = _load_extent(p)
-    hit = _touches(cx, cy, mu, sr, st, alpha, x0, x1, y0, y1, cull_opacity)
+def _blend(P, S, c0, c1, c2, xs, ys, x0, x1, y0, y1, FAST: tl.constexpr):
+    """Blend one stroke (prepared at ``P``, raw at ``S``) over a canvas tile when it can reach the tile;
+    also says whether it did."""
+    hit, q_min = _reach(P, x0, x1, y0, y1)
     if hit:
-        rot = tl.load(p + 2)
-        srm = sr * mu
-        e, u, v, r, rho, phi = _footprint(x, y, cx, cy, tl.cos(rot), tl.sin(rot), mu, 1.0 / (srm * srm), 1.0 / (st * st))
-        a = alpha * e
-        c0 += a * (tl.load(p + 6) - c0)
-        c1 += a * (tl.load(p + 7) - c1)
-        c2 += a * (tl.load(p + 8) - c2)
+        e, u, v, inv_r, rho, phi = _footprint(xs, ys, P, FAST)
+        a = tl.load(P + 13) * e
+        c0 += a * (tl.load(S + 6) - c0)
+        c1 += a * (tl.load(S + 7) - c1)
+        c2 += a * (tl.load(S + 8) - c2)
     return c0, c1, c2, hit
 
 
 @triton.jit
-def _paint(S, n_strokes, c0, c1, c2, x, y, x0, x1, y0, y1, cull_opacity):
+def _paint(PREPARED, S, n_strokes, c0, c1, c2, xs, ys, x0, x1, y0, y1, FAST: tl.constexpr):
     """Blend strokes 0..n_strokes-1 of one image over a canvas tile (no loss)."""
     for j in range(n_strokes):
-        c0, c1, c2, hit = _blend(S + j * 10, c0, c1, c2, x, y, x0, x1, y0, y1, cull_opacity)
+        c0, c1, c2, hit = _blend(PREPARED + j * 16, S + j * 10, c0, c1, c2, xs, ys, x0, x1, y0, y1, FAST)
     return c0, c1, c2
 
 
 @triton.jit
 def _forward_kernel(
-    S, BASE, TARGET, CANVAS, LOSS, N, H, W, inv_h, loss_scale, cull_opacity,
-    LOSS_KIND: tl.constexpr, HAS_TARGET: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
+    S, PREPARED, BASE, TARGET, CANVAS, LOSS, N, H, W, inv_h, loss_scale,
+    LOSS_KIND: tl.constexpr, HAS_TARGET: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, FAST: tl.constexpr,
 ):
-    b, img, plane, mask, x, y, x0, x1, y0, y1 = _tile(H, W, inv_h, BH, BW)
+    b, img, plane, mask, xs, ys, x0, x1, y0, y1 = _tile(H, W, inv_h, BH, BW)
     c0, c1, c2 = _load_rgb(BASE, img, plane, mask)
     S += b * N * 10
+    PREPARED += b * N * 16
     if LOSS_KIND == 2 and HAS_TARGET:
         # The seed's objective: the error of every prefix canvas C_1..C_N.
         # A culled stroke leaves the tile's error unchanged, so it costs a
@@ -165,13 +304,13 @@ def _forward_kernel(
         err = tl.sum(tl.abs(c0 - t0) + tl.abs(c1 - t1) + tl.abs(c2 - t2))
         total = err * 0.0
         for j in range(N):
-            c0, c1, c2, hit = _blend(S + j * 10, c0, c1, c2, x, y, x0, x1, y0, y1, cull_opacity)
+            c0, c1, c2, hit = _blend(PREPARED + j * 16, S + j * 10, c0, c1, c2, xs, ys, x0, x1, y0, y1, FAST)
             if hit:
                 err = tl.sum(tl.where(mask, tl.abs(c0 - t0) + tl.abs(c1 - t1) + tl.abs(c2 - t2), 0.0))
             total += err
-        tl.atomic_add(LOSS + b, total * loss_scale / tl.maximum(N, 1))
+        tl.atomic_add(LOSS + b, total * loss_scale / tl.maximum(N, 1), sem="relaxed")
     else:
-        c0, c1, c2 = _paint(S, N, c0, c1, c2, x, y, x0, x1, y0, y1, cull_opacity)
+        c0, c1, c2 = _paint(PREPARED, S, N, c0, c1, c2, xs, ys, x0, x1, y0, y1, FAST)
         if HAS_TARGET:
             t0, t1, t2 = _load_rgb(TARGET, img, plane, mask)
             d0 = c0 - t0
@@ -181,7 +320,7 @@ def _forward_kernel(
                 err = tl.abs(d0) + tl.abs(d1) + tl.abs(d2)
             else:
                 err = d0 * d0 + d1 * d1 + d2 * d2
-            tl.atomic_add(LOSS + b, tl.sum(tl.where(mask, err, 0.0)) * loss_scale)
+            tl.atomic_add(LOSS + b, tl.sum(tl.where(mask, err, 0.0)) * loss_scale, sem="relaxed")
     _store_rgb(CANVAS, img, plane, mask, c0, c1, c2)
 
 
@@ -192,89 +331,108 @@ def _sign(d):
 
 @triton.jit
 def _backward_kernel(
-    S, BASE, TARGET, CANVAS, GRAD_LOSS, GRAD_S, GRAD_BASE, N, H, W, inv_h, loss_scale, cull_opacity, unblend_limit,
-    LOSS_KIND: tl.constexpr, BASE_GRAD: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
+    S, PREPARED, BASE, TARGET, CANVAS, GRAD_LOSS, GRAD_S, GRAD_BASE, N, H, W, inv_h, loss_scale, unblend_limit,
+    LOSS_KIND: tl.constexpr, BASE_GRAD: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, FAST: tl.constexpr,
 ):
-    b, img, plane, mask, x, y, x0, x1, y0, y1 = _tile(H, W, inv_h, BH, BW)
+    b, img, plane, mask, xs, ys, x0, x1, y0, y1 = _tile(H, W, inv_h, BH, BW)
+    # Outside the image (a partial tile) canvas and target load as 0, so the
+    # adjoint lam starts and stays 0 there and adds nothing to the sums, except
+    # in the prefix loss, whose sign terms see un-blended canvas values and
+    # are masked explicitly.
     c0, c1, c2 = _load_rgb(CANVAS, img, plane, mask)
     t0, t1, t2 = _load_rgb(TARGET, img, plane, mask)
     scale = tl.load(GRAD_LOSS + b) * loss_scale
-    inside = tl.where(mask, 1.0, 0.0)
     # lam: adjoint of the current canvas. For the prefix loss it is carried as
     # lam + pending * sign(C - T) * scale: a culled stroke adds one pending
     # term (its prefix canvas equals the current one) instead of a tile pass.
     pending = scale * 0.0
     if LOSS_KIND == 0:
-        l0 = _sign(c0 - t0) * scale * inside
-        l1 = _sign(c1 - t1) * scale * inside
-        l2 = _sign(c2 - t2) * scale * inside
+        l0 = _sign(c0 - t0) * scale
+        l1 = _sign(c1 - t1) * scale
+        l2 = _sign(c2 - t2) * scale
     elif LOSS_KIND == 1:
-        l0 = 2.0 * (c0 - t0) * scale * inside
-        l1 = 2.0 * (c1 - t1) * scale * inside
-        l2 = 2.0 * (c2 - t2) * scale * inside
+        l0 = 2.0 * (c0 - t0) * scale
+        l1 = 2.0 * (c1 - t1) * scale
+        l2 = 2.0 * (c2 - t2) * scale
     else:
         scale = scale / tl.maximum(N, 1)
-        l0 = inside * 0.0
-        l1 = inside * 0.0
-        l2 = inside * 0.0
+        l0 = c0 * 0.0
+        l1 = c0 * 0.0
+        l2 = c0 * 0.0
         pending += 1.0
-    amp = inside * 0.0 + 1.0
+    # Bound on how much un-blending since the last exact canvas can have
+    # amplified rounding error: the product of 1 / (1 - max a) over the tile.
+    amp = scale * 0.0 + 1.0
     S += b * N * 10
+    PREPARED += b * N * 16
     G = GRAD_S + b * N * 10
     for i in range(N):
         k = N - 1 - i
-        p = S + k * 10
-        cx, cy, mu, sr, st, alpha = _load_extent(p)
-        if _touches(cx, cy, mu, sr, st, alpha, x0, x1, y0, y1, cull_opacity):
+        P = PREPARED + k * 16
+        hit, q_min = _reach(P, x0, x1, y0, y1)
+        if hit:
             if LOSS_KIND == 2:
-                l0 += pending * _sign(c0 - t0) * scale * inside
-                l1 += pending * _sign(c1 - t1) * scale * inside
-                l2 += pending * _sign(c2 - t2) * scale * inside
+                l0 += tl.where(mask, pending * _sign(c0 - t0) * scale, 0.0)
+                l1 += tl.where(mask, pending * _sign(c1 - t1) * scale, 0.0)
+                l2 += tl.where(mask, pending * _sign(c2 - t2) * scale, 0.0)
                 pending = pending * 0.0
-            rot = tl.load(p + 2)
-            cr = tl.load(p + 6)
-            cg = tl.load(p + 7)
-            cb = tl.load(p + 8)
-            cs = tl.cos(rot)
-            sn = tl.sin(rot)
-            srm = sr * mu
-            inv_sr2 = 1.0 / (srm * srm)
-            inv_st2 = 1.0 / (st * st)
-            e, u, v, r, rho, phi = _footprint(x, y, cx, cy, cs, sn, mu, inv_sr2, inv_st2)
+            cr = tl.load(S + k * 10 + 6)
+            cg = tl.load(S + k * 10 + 7)
+            cb = tl.load(S + k * 10 + 8)
+            alpha = tl.load(P + 13)
+            e, u, v, inv_r, rho, phi = _footprint(xs, ys, P, FAST)
             a = alpha * e
             keep = 1.0 - a
-            # Canvas before this stroke: un-blend while it is well conditioned.
-            inv_keep = 1.0 / tl.maximum(keep, 1e-30)
-            grown = amp * inv_keep
-            if tl.max(tl.where(mask, grown, 0.0)) > unblend_limit:
+            # Canvas before this stroke: un-blend while that is well
+            # conditioned. The bound uses the tile's opacity bound from
+            # _reach, so it needs no reduction over the tile.
+            room = 1.0 - alpha * tl.exp(-q_min)
+            if room * unblend_limit < amp:
                 p0, p1, p2 = _load_rgb(BASE, img, plane, mask)
-                p0, p1, p2 = _paint(S, k, p0, p1, p2, x, y, x0, x1, y0, y1, cull_opacity)
-                amp = inside * 0.0 + 1.0
+                p0, p1, p2 = _paint(PREPARED, S, k, p0, p1, p2, xs, ys, x0, x1, y0, y1, FAST)
+                amp = amp * 0.0 + 1.0
             else:
+                inv_keep = _rcp(keep, FAST)
                 p0 = (c0 - a * cr) * inv_keep
                 p1 = (c1 - a * cg) * inv_keep
                 p2 = (c2 - a * cb) * inv_keep
-                amp = grown
-            g_a = tl.where(mask, l0 * (cr - p0) + l1 * (cg - p1) + l2 * (cb - p2), 0.0)
-            g_q = -g_a * a
-            g_rho = g_q * rho * inv_sr2
-            g_phi = g_q * phi * inv_st2
-            inv_r = 1.0 / r
-            g_u = (g_rho * u - g_phi * v * inv_r) * inv_r
-            g_v = (g_rho * v + g_phi * u * inv_r) * inv_r
-            g_dx = tl.sum(g_u * cs + g_v * sn)
-            g_dy = tl.sum(g_v * cs - g_u * sn)
-            g_srm = -tl.sum(g_q * rho * rho) * inv_sr2 / srm
-            tl.atomic_add(G + k * 10 + 0, -g_dx)
-            tl.atomic_add(G + k * 10 + 1, -g_dy)
-            tl.atomic_add(G + k * 10 + 2, tl.sum(g_v * u - g_u * v) - mu * (sn * g_dx + cs * g_dy))
-            tl.atomic_add(G + k * 10 + 3, g_srm * sr - tl.sum(g_rho) + cs * g_dx - sn * g_dy)
-            tl.atomic_add(G + k * 10 + 4, g_srm * mu)
-            tl.atomic_add(G + k * 10 + 5, -tl.sum(g_q * phi * phi) * inv_st2 / st)
-            tl.atomic_add(G + k * 10 + 6, tl.sum(a * l0))
-            tl.atomic_add(G + k * 10 + 7, tl.sum(a * l1))
-            tl.atomic_add(G + k * 10 + 8, tl.sum(a * l2))
-            tl.atomic_add(G + k * 10 + 9, tl.sum(g_a * e))
+                amp = amp / room
+            # Chain rule through a = alpha * exp(-q), q = (kr rho^2 + kt phi^2) / 2:
+            # w = dL/dq, and the polar derivatives folded so that each of the
+            # ten stroke fields needs one tile sum.
+            g_a = l0 * (cr - p0) + l1 * (cg - p1) + l2 * (cb - p2)
+            w = -g_a * a
+            w_rho = w * rho
+            w_phi = w * phi
+            kr = tl.load(P + 8)
+            kt = tl.load(P + 9)
+            cos_phi = u * inv_r
+            sin_phi = v * inv_r
+            radial = w_rho * kr
+            tangential = w_phi * kt * inv_r
+            g_u = radial * cos_phi - tangential * sin_phi
+            g_v = radial * sin_phi + tangential * cos_phi
+            sum_u = tl.sum(g_u)
+            sum_v = tl.sum(g_v)
+            cs = tl.load(P + 5)
+            sn = tl.load(P + 6)
+            mu = tl.load(P + 7)
+            srm = tl.load(P + 14)
+            g_dx = cs * sum_u + sn * sum_v
+            g_dy = cs * sum_v - sn * sum_u
+            g_srm = -tl.sum(w_rho * rho) * kr / srm
+            gk = G + k * 10
+            tl.atomic_add(gk + 0, -g_dx, sem="relaxed")
+            tl.atomic_add(gk + 1, -g_dy, sem="relaxed")
+            tl.atomic_add(gk + 2, kt * tl.sum(w_phi) - mu * (sn * g_dx + cs * g_dy), sem="relaxed")
+            tl.atomic_add(gk + 3, g_srm * tl.load(S + k * 10 + 4) - kr * tl.sum(w_rho) + cs * g_dx - sn * g_dy,
+                          sem="relaxed")
+            tl.atomic_add(gk + 4, g_srm * mu, sem="relaxed")
+            tl.atomic_add(gk + 5, -tl.sum(w_phi * phi) * kt / tl.load(S + k * 10 + 5), sem="relaxed")
+            tl.atomic_add(gk + 6, tl.sum(a * l0), sem="relaxed")
+            tl.atomic_add(gk + 7, tl.sum(a * l1), sem="relaxed")
+            tl.atomic_add(gk + 8, tl.sum(a * l2), sem="relaxed")
+            tl.atomic_add(gk + 9, -tl.sum(w) / alpha, sem="relaxed")
             l0 *= keep
             l1 *= keep
             l2 *= keep
@@ -288,10 +446,19 @@ def _backward_kernel(
                 pending += 1.0
     if BASE_GRAD:
         if LOSS_KIND == 2:
-            l0 += pending * _sign(c0 - t0) * scale * inside
-            l1 += pending * _sign(c1 - t1) * scale * inside
-            l2 += pending * _sign(c2 - t2) * scale * inside
+            l0 += tl.where(mask, pending * _sign(c0 - t0) * scale, 0.0)
+            l1 += tl.where(mask, pending * _sign(c1 - t1) * scale, 0.0)
+            l2 += tl.where(mask, pending * _sign(c2 - t2) * scale, 0.0)
         _store_rgb(GRAD_BASE, img, plane, mask, l0, l1, l2)
+
+
+@triton.jit
+def _tile_hits_kernel(PREPARED, HITS, N, H, W, inv_h, BH: tl.constexpr, BW: tl.constexpr):
+    b, img, plane, mask, xs, ys, x0, x1, y0, y1 = _tile(H, W, inv_h, BH, BW)
+    tiles = tl.num_programs(0)
+    for j in range(N):
+        hit, q_min = _reach(PREPARED + (b * N + j) * 16, x0, x1, y0, y1)
+        tl.store(HITS + (b * N + j) * tiles + tl.program_id(0), hit.to(tl.int8))
 
 
 def _check(strokes: torch.Tensor, base: torch.Tensor, target: torch.Tensor | None) -> None:
@@ -306,14 +473,27 @@ def _check(strokes: torch.Tensor, base: torch.Tensor, target: torch.Tensor | Non
             raise ValueError(f"{name} must be float32 on {strokes.device}, got {t.dtype} on {t.device}")
 
 
+def prepare(strokes: torch.Tensor) -> torch.Tensor:
+    """The per-stroke quantities every tile needs, computed once: ``[B, N, PREP]`` (see _prepare_kernel)."""
+    strokes = strokes.contiguous()
+    prepared = torch.empty(*strokes.shape[:2], PREP, device=strokes.device, dtype=torch.float32)
+    total = strokes.shape[0] * strokes.shape[1]
+    if total:
+        block = 256
+        _prepare_kernel[(triton.cdiv(total, block),)](strokes, prepared, total, CULL_OPACITY, BLOCK=block)
+    return prepared
+
+
 def _grid(b: int, h: int, w: int, tile: tuple[int, int]) -> tuple[int, int]:
     return (triton.cdiv(h, tile[0]) * triton.cdiv(w, tile[1]), b)
 
 
-# (rows, columns, warps), best first: 32 x 32 on 2 warps gives each thread 16
-# pixels, over which the per-stroke tile reductions amortise (run 11 in
-# benchmarks/RESULTS.md); smaller tiles only when the big ones leave SMs idle.
-TILES = ((32, 32, 2), (16, 32, 4), (16, 16, 4))
+# (rows, columns, warps, programs per SM it needs), best first. 16 x 32 on one
+# warp gives each thread 16 pixels, over which the ten per-stroke tile sums
+# amortise, and those sums need no step across warps (run 19 in
+# benchmarks/RESULTS.md). One-warp programs hide latency only when many share
+# an SM; small grids take two-warp programs, the smallest grids small tiles.
+TILES = ((16, 32, 1, 8), (16, 32, 2, 2), (16, 16, 2, 0))
 
 
 @functools.lru_cache(maxsize=None)
@@ -322,21 +502,21 @@ def _sm_count(device: torch.device) -> int:
 
 
 def pick_tile(b: int, h: int, w: int, device: torch.device) -> tuple[tuple[int, int], int]:
-    """The largest tile that still gives every SM two programs, else the smallest: ``((BH, BW), warps)``."""
-    for bh, bw, warps in TILES:
-        if b * triton.cdiv(h, bh) * triton.cdiv(w, bw) >= 2 * _sm_count(device):
+    """The first tile of TILES whose grid gives every SM the programs it needs: ``((BH, BW), warps)``."""
+    for bh, bw, warps, per_sm in TILES:
+        if b * triton.cdiv(h, bh) * triton.cdiv(w, bw) >= per_sm * _sm_count(device):
             return (bh, bw), warps
-    bh, bw, warps = TILES[-1]
-    return (bh, bw), warps
+    raise AssertionError("the last tile of TILES needs no programs")
 
 
 def forward(
     strokes: torch.Tensor, base: torch.Tensor, target: torch.Tensor | None = None, loss: str = "l2",
-    tile: tuple[int, int] | None = None, num_warps: int | None = None,
+    tile: tuple[int, int] | None = None, num_warps: int | None = None, prepared: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Canvas ``[B, 3, H, W]`` and loss ``[B]`` (None without target). No autograd.
 
-    ``tile``/``num_warps`` default to ``pick_tile``'s choice for the shape.
+    ``tile``/``num_warps`` default to ``pick_tile``'s choice for the shape;
+    ``prepared`` to ``prepare(strokes)``.
     """
     _check(strokes, base, target)
     strokes, base = strokes.contiguous(), base.contiguous()
@@ -345,13 +525,16 @@ def forward(
     h, w = base.shape[-2:]
     canvas = torch.empty_like(base)
     value = torch.zeros(bsz, device=base.device, dtype=torch.float32)
+    if prepared is None:
+        prepared = prepare(strokes)
     if tile is None:
         tile, num_warps = pick_tile(bsz, h, w, base.device)
     num_warps = num_warps or 4
     _forward_kernel[_grid(bsz, h, w, tile)](
-        strokes, base, target if target is not None else base, canvas, value,
-        n, h, w, 1.0 / h, 1.0 / (3 * h * w), CULL_OPACITY,
-        LOSS_KIND=LOSS_KINDS[loss], HAS_TARGET=target is not None, BH=tile[0], BW=tile[1], num_warps=num_warps,
+        strokes, prepared, base, target if target is not None else base, canvas, value,
+        n, h, w, 1.0 / h, 1.0 / (3 * h * w),
+        LOSS_KIND=LOSS_KINDS[loss], HAS_TARGET=target is not None, BH=tile[0], BW=tile[1], FAST=_fast_math(),
+        num_warps=num_warps,
     )
     return canvas, (value if target is not None else None)
 
@@ -359,7 +542,7 @@ def forward(
 def backward(
     strokes: torch.Tensor, base: torch.Tensor, target: torch.Tensor, canvas: torch.Tensor, grad_loss: torch.Tensor,
     loss: str = "l2", base_grad: bool = False, grad_strokes: torch.Tensor | None = None,
-    tile: tuple[int, int] | None = None, num_warps: int | None = None,
+    tile: tuple[int, int] | None = None, num_warps: int | None = None, prepared: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gradients of ``sum_b grad_loss[b] * loss[b]`` w.r.t. strokes ``[B, N, 10]`` (and base).
 
@@ -371,15 +554,31 @@ def backward(
     if grad_strokes is None:
         grad_strokes = torch.zeros_like(strokes)
     grad_base = torch.empty_like(base) if base_grad else None
+    if prepared is None:
+        prepared = prepare(strokes)
     if tile is None:
         tile, num_warps = pick_tile(bsz, h, w, base.device)
     num_warps = num_warps or 4
     _backward_kernel[_grid(bsz, h, w, tile)](
-        strokes, base, target, canvas, grad_loss.contiguous(), grad_strokes, grad_base if base_grad else base,
-        n, h, w, 1.0 / h, 1.0 / (3 * h * w), CULL_OPACITY, UNBLEND_LIMIT,
-        LOSS_KIND=LOSS_KINDS[loss], BASE_GRAD=base_grad, BH=tile[0], BW=tile[1], num_warps=num_warps,
+        strokes, prepared, base, target, canvas, grad_loss.contiguous(), grad_strokes,
+        grad_base if base_grad else base, n, h, w, 1.0 / h, 1.0 / (3 * h * w), UNBLEND_LIMIT,
+        LOSS_KIND=LOSS_KINDS[loss], BASE_GRAD=base_grad, BH=tile[0], BW=tile[1], FAST=_fast_math(),
+        num_warps=num_warps,
     )
     return grad_strokes, grad_base
+
+
+def tile_hits(strokes: torch.Tensor, height: int, width: int, tile: tuple[int, int]) -> torch.Tensor:
+    """Which tiles each stroke is painted on: bool ``[B, N, tiles]``, tiles in row-major order.
+
+    The culling decision itself, for tests of its soundness and for the
+    benchmark's account of the work culling saves.
+    """
+    bsz, n = strokes.shape[:2]
+    grid = _grid(bsz, height, width, tile)
+    hits = torch.zeros(bsz, n, grid[0], dtype=torch.int8, device=strokes.device)
+    _tile_hits_kernel[grid](prepare(strokes), hits, n, height, width, 1.0 / height, BH=tile[0], BW=tile[1])
+    return hits.bool()
 
 
 class RenderLoss(torch.autograd.Function):
@@ -393,17 +592,19 @@ class RenderLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, strokes, base, target, loss):
         strokes, base, target = strokes.contiguous(), base.contiguous(), target.contiguous()
-        canvas, value = forward(strokes, base, target, loss)
-        ctx.save_for_backward(strokes, base, target, canvas)
+        prepared = prepare(strokes)
+        canvas, value = forward(strokes, base, target, loss, prepared=prepared)
+        ctx.save_for_backward(strokes, base, target, canvas, prepared)
         ctx.loss = loss
         ctx.mark_non_differentiable(canvas)
         return canvas, value
 
     @staticmethod
     def backward(ctx, grad_canvas, grad_loss):
-        strokes, base, target, canvas = ctx.saved_tensors
+        strokes, base, target, canvas, prepared = ctx.saved_tensors
         base_grad = ctx.needs_input_grad[1]
-        grad_strokes, grad_base = backward(strokes, base, target, canvas, grad_loss, ctx.loss, base_grad)
+        grad_strokes, grad_base = backward(strokes, base, target, canvas, grad_loss, ctx.loss, base_grad,
+                                           prepared=prepared)
         return grad_strokes, grad_base, None, None
 
 

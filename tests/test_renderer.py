@@ -89,6 +89,52 @@ def test_culling_skips_far_strokes_exactly():
     assert torch.equal(grad, torch.zeros_like(grad))
 
 
+def _tile_max_opacity(s, h, w, tile):
+    """Per stroke, the largest opacity over each tile (float64 reference): ``[B, N, tiles]``."""
+    x, y = reference.pixel_grid(h, w, dtype=torch.float64)
+    a = reference.opacity(s.double(), x, y)
+    a = torch.nn.functional.pad(a, (0, -w % tile[1], 0, -h % tile[0]))  # partial tiles
+    b, n, hp, wp = a.shape
+    a = a.reshape(b, n, hp // tile[0], tile[0], wp // tile[1], tile[1])
+    return a.amax(dim=(3, 5)).reshape(b, n, -1)
+
+
+@pytest.mark.parametrize("kind", ["broad", "thin", "curled"])
+def test_culling_is_conservative(kind):
+    """A tile skips a stroke only where the stroke's opacity stays below CULL_OPACITY on every pixel of it."""
+    gen = torch.Generator().manual_seed(len(kind))
+    h, w, tile = 40, 56, (8, 8)
+    s = random_strokes(3, 40, w / h, generator=gen)
+    if kind == "broad":
+        s[..., SIGMA_R] = 0.05 + 0.15 * torch.rand(3, 40, generator=gen)
+        s[..., SIGMA_T] = 0.1 + 0.6 * torch.rand(3, 40, generator=gen)
+    elif kind == "thin":
+        s[..., SIGMA_R] = 1e-4 + 0.02 * torch.rand(3, 40, generator=gen)
+        s[..., SIGMA_T] = 1e-3 + 0.05 * torch.rand(3, 40, generator=gen)
+    else:  # tight curves: small radius, long arcs
+        s[..., MU_R] = 0.05 + 0.1 * torch.rand(3, 40, generator=gen)
+        s[..., SIGMA_T] = 0.5 + 0.28 * torch.rand(3, 40, generator=gen)
+    hits = triton_render.tile_hits(s, h, w, tile)
+    peak = _tile_max_opacity(s, h, w, tile)
+    assert hits.shape == peak.shape
+    assert torch.all(hits | (peak < triton_render.CULL_OPACITY))
+    assert hits.float().mean() < 0.9  # and it does cull
+
+
+def test_culling_skips_the_inside_of_a_ring():
+    """A closed, thin ring: the tile around its pole sits in the hole and is skipped, though it lies
+    well within the disc around the stroke's centre that bounds the whole footprint."""
+    s = torch.tensor([[[0.5 + 0.45, 0.5, 0.0, 0.45, 0.02, math.pi / 4, 1.0, 1.0, 1.0, 1.0]]])  # pole at (0.5, 0.5)
+    h = w = 32
+    tile = (8, 8)
+    hits = triton_render.tile_hits(s, h, w, tile)[0, 0].reshape(4, 4)
+    assert not hits[1:3, 1:3].any()  # the four central tiles, within 0.34 of the pole
+    assert hits[0].any() and hits[3].any()  # the ring itself
+    assert torch.all(hits.flatten() | (_tile_max_opacity(s, h, w, tile)[0, 0] < triton_render.CULL_OPACITY))
+    base = torch.rand(1, 3, h, w)
+    check(s, base, torch.rand(1, 3, h, w), "l2", tile=tile)
+
+
 def test_autograd_function_matches_reference():
     gen = torch.Generator().manual_seed(3)
     s = compact(random_strokes(2, 6, generator=gen)).requires_grad_(True)
