@@ -36,6 +36,7 @@ class FitConfig:
     background: str = "mean"      # initial background: mean colour of the target, or black (the seed's)
     fit_background: bool = True   # fit the background colour with the first group
     backend: str = "auto"         # auto | triton | reference
+    cuda_graphs: bool = True      # replay each group's step loop as a CUDA graph (triton backend only)
     device: str = "auto"          # auto | cpu | cuda | cuda:N
     seed: int = 0
 

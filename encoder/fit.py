@@ -19,7 +19,7 @@ import torch
 from . import renderer
 from .config import FitConfig
 from .images import downsample, psnr
-from .optim import Adam
+from .steps import optimise_group
 from .strokes import ALPHA, COLOR, CX, CY, MU_R, NUM_FIELDS, ROT, SIGMA_R, SIGMA_T, bounds
 
 
@@ -132,22 +132,10 @@ def fit_batch(
             canvas_res = res
         base = canvas
         strokes = place_strokes(target, base, n, config, generators)
-        opt = Adam(strokes, lrs, lo, hi, config.betas)
-        grad = torch.zeros_like(strokes)
-        if fit_bg:
-            bg = background.clone()
-            bg_opt = Adam(bg, torch.full((3,), config.lr, device=dev), torch.zeros(3, device=dev),
-                          torch.ones(3, device=dev), config.betas)
-        for _ in range(config.steps):
-            if fit_bg:
-                base = bg[:, :, None, None].expand(-1, -1, res, res).contiguous()
-            _, _, grad, grad_base = renderer.loss_and_grad(strokes, base, target, config.loss, backend, fit_bg, grad)
-            opt.step(grad)
-            if fit_bg:
-                bg_opt.step(grad_base.sum(dim=(2, 3)))
+        fitted_bg = optimise_group(strokes, base, target, background if fit_bg else None, config, lrs, lo, hi, backend)
         old_background = background
         if fit_bg:
-            background = bg
+            background = fitted_bg
         # Commit at full resolution; an image the group made worse keeps its old painting.
         full_base = background[:, :, None, None].expand(-1, -1, size, size).contiguous() if fit_bg else full_canvas
         new_full = renderer.composite(strokes, full_base, backend)

@@ -4,7 +4,8 @@ import torch
 
 from encoder import fit_batch, load_config
 from encoder.config import FitConfig
-from encoder.fit import Adam, null_strokes
+from encoder.fit import null_strokes
+from encoder.optim import Adam
 from encoder.renderer import composite
 from encoder.strokes import bounds
 
