@@ -66,15 +66,15 @@ def build_shards(folder: Path, images: int, per_shard: int, seed: int = 0) -> li
     return paths
 
 
-def bench_reader(urls, size, cfg) -> tuple[int, float]:
+def bench_reader(urls, size, cfg) -> tuple[int, float, None]:
     start, count = time.perf_counter(), 0
     for url in urls:
         reader = ShardReader(url, size, cfg.max_image_pixels, cfg.min_image_side, cfg.jpeg_draft, cfg.reader_threads)
         count += sum(1 for r in reader.records() if r.status == "ok")
-    return count, time.perf_counter() - start
+    return count, time.perf_counter() - start, None
 
 
-def bench_encoder(urls, fit, cfg, device) -> tuple[int, float]:
+def bench_encoder(urls, fit, cfg, device) -> tuple[int, float, float]:
     targets = []
     for url in urls:
         reader = ShardReader(url, fit.size, cfg.max_image_pixels, cfg.min_image_side, cfg.jpeg_draft, cfg.reader_threads)
@@ -88,21 +88,25 @@ def bench_encoder(urls, fit, cfg, device) -> tuple[int, float]:
         encoder.fit_batch(batch, fit, device=device, seed=k)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    return len(targets), time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    return len(targets), seconds, seconds
 
 
-def bench_worker(urls, fit, cfg, device, out: Path) -> tuple[int, float]:
+def bench_worker(urls, fit, cfg, device, out: Path) -> tuple[int, float, float]:
+    """(images, seconds, seconds inside fit_batch)."""
     worker = ShardEncoder(fit, cfg, device=device, worker_id="bench")
     shards = make_shards(urls)
     worker.encode_shard(shards[0].url, "warmup", str(out / "warmup"))  # compile outside the clock
-    start, count = time.perf_counter(), 0
+    start, count, fitting = time.perf_counter(), 0, 0.0
     for shard in shards:
-        count += worker.encode_shard(shard.url, shard.id, str(out / "no_ray"))["total"]
-    return count, time.perf_counter() - start
+        stats = worker.encode_shard(shard.url, shard.id, str(out / "no_ray"))
+        count += stats["total"]
+        fitting += stats["fit_seconds"]
+    return count, time.perf_counter() - start, fitting
 
 
-def bench_ray(urls, args, device, out: Path) -> tuple[int, float, float]:
-    """(images, seconds inside the worker's shards, wall seconds including Ray start-up)."""
+def bench_ray(urls, args, device, out: Path) -> tuple[int, float, float, float]:
+    """(images, seconds inside the worker's shards, seconds inside fit_batch, wall seconds including Ray start-up)."""
     from pipeline.driver import RunOptions, run
 
     options = RunOptions(
@@ -120,7 +124,8 @@ def bench_ray(urls, args, device, out: Path) -> tuple[int, float, float]:
     stats = [json.loads(p.read_text()) for p in sorted((out / "ray").glob("*_stats.json"))]
     # The first shard carries the actor's warm-up (compilation); the others are steady state.
     steady = stats[1:] or stats
-    return sum(s["total"] for s in steady), sum(s["seconds"] for s in steady), wall
+    return (sum(s["total"] for s in steady), sum(s["seconds"] for s in steady), sum(s["fit_seconds"] for s in steady),
+            wall)
 
 
 def main() -> int:
@@ -150,26 +155,26 @@ def main() -> int:
         # The first shard is the warm-up of each row that needs one; the rest is measured.
         measured = urls[1:] if len(urls) > 1 else urls
         rows = []
-        n, s = bench_reader(measured, fit.size, cfg)
-        rows.append(("reader only (decode + resize)", n, s, None))
-        n, s = bench_encoder(measured, fit, cfg, device)
-        rows.append(("encoder only (fit_batch)", n, s, None))
-        ceiling = n / s
-        n, s = bench_worker(urls if len(urls) == 1 else measured, fit, cfg, device, tmp / "out")
-        rows.append(("worker, no Ray", n, s, None))
+        rows.append(("reader only (decode + resize)", *bench_reader(measured, fit.size, cfg), None))
+        rows.append(("encoder only (fit_batch)", *bench_encoder(measured, fit, cfg, device), None))
+        ceiling = rows[-1][1] / rows[-1][2]
+        rows.append(("worker, no Ray", *bench_worker(urls if len(urls) == 1 else measured, fit, cfg, device, tmp / "out"),
+                     None))
         if not args.no_ray:
-            n, s, wall = bench_ray(urls, args, device, tmp / "out")
-            rows.append(("worker, Ray actor (steady shards)", n, s, wall))
+            rows.append(("worker, Ray actor (steady shards)", *bench_ray(urls, args, device, tmp / "out")))
 
-    print(f"\n{'mode':36s} {'images':>7s} {'seconds':>9s} {'images/s':>9s} {'vs encoder':>10s}")
+    # "in fit_batch": the share of the time the worker spent inside fit_batch; the
+    # rest is the GPU waiting (between batches, at shard starts and ends).
+    print(f"\n{'mode':36s} {'images':>7s} {'seconds':>9s} {'images/s':>9s} {'vs encoder':>10s} {'in fit_batch':>12s}")
     results = []
-    for name, n, s, wall in rows:
+    for name, n, s, fitting, wall in rows:
         rate = n / s if s > 0 else float("nan")
-        print(f"{name:36s} {n:7d} {s:9.2f} {rate:9.2f} {rate / ceiling:9.2f}x")
+        share = f"{fitting / s:11.1%}" if fitting is not None else f"{'':11s}"
+        print(f"{name:36s} {n:7d} {s:9.2f} {rate:9.2f} {rate / ceiling:9.2f}x {share}")
         results.append({"mode": name, "images": n, "seconds": s, "images_per_second": rate, "vs_encoder": rate / ceiling,
-                        "wall_with_ray_startup": wall})  # fmt: skip
-    if rows[-1][3] is not None:
-        print(f"(the Ray run took {rows[-1][3]:.1f} s wall in all, with Ray start-up and the actor's warm-up shard)")
+                        "fit_seconds": fitting, "wall_with_ray_startup": wall})  # fmt: skip
+    if rows[-1][4] is not None:
+        print(f"(the Ray run took {rows[-1][4]:.1f} s wall in all, with Ray start-up and the actor's warm-up shard)")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": gpu, "strokes": fit.strokes, "size": fit.size,
                                                "batch_size": cfg.batch_size, "results": results}, indent=2))  # fmt: skip
