@@ -35,11 +35,13 @@ CULL_OPACITY = 1e-7
 # from the base instead.
 UNBLEND_LIMIT = 64.0
 
-# Fields of a prepared stroke (see _prepare_kernel).
-(P_CX, P_CY, P_REACH2, P_PX, P_PY, P_COS, P_SIN, P_MU, P_KR, P_KT, P_KR2, P_KT2, P_LOG_RATIO, P_ALPHA,
- P_SRM) = range(15)
+# A prepared stroke is PREP floats (written by _prepare_kernel; the kernels
+# read them by offset): 0 cx, 1 cy, 2 squared radius of the disc that holds the
+# footprint (-1: never visible), 3-4 the pole, 5-6 cos and sin of rot, 7 mu_r,
+# 8 kr = 1 / (sigma_r mu_r)^2, 9 kt = 1 / sigma_t^2, 10-11 kr and kt times
+# -log2(e) / 2 (so exp(-q) = exp2(kr' rho^2 + kt' phi^2)), 12 log(alpha / cull),
+# 13 alpha, 14 sigma_r mu_r, 15 unused (alignment).
 PREP = 16
-_NEG_HALF_LOG2E = -0.7213475204444817  # exp(-q) = exp2(q * -log2(e))
 
 
 def _fast_math() -> bool:
@@ -138,7 +140,7 @@ def _prepare_kernel(S, PREPARED, total, cull_opacity, BLOCK: tl.constexpr):
     tl.store(p + 7, mu, mask=m)
     tl.store(p + 8, kr, mask=m)
     tl.store(p + 9, kt, mask=m)
-    tl.store(p + 10, kr * -0.7213475204444817, mask=m)
+    tl.store(p + 10, kr * -0.7213475204444817, mask=m)  # -log2(e) / 2
     tl.store(p + 11, kt * -0.7213475204444817, mask=m)
     tl.store(p + 12, log_ratio, mask=m)
     tl.store(p + 13, alpha, mask=m)
