@@ -278,7 +278,7 @@ class ShardEncoder:
         seconds = 0.0
         if ready:
             results, seconds = self._fit_images(chunk.targets, seed)
-            chunk.targets = None  # free the pixels now; the queue may hold this chunk a while
+            chunk.targets = None  # ~100 MB (pinned): free it before the next batch is taken
             fits = {id(r): res for r, res in zip(ready, results)}
             # Every image raising is the encoder or the device failing, not the data; a lone
             # image raising after others of this shard fitted is that image's problem.
