@@ -50,11 +50,16 @@ def _fast_math() -> bool:
 
 
 @triton.jit
+def _ptx_approx(x, INSTRUCTION: tl.constexpr):
+    """One single-precision PTX instruction on every element: ``INSTRUCTION dst, x;``."""
+    return tl.inline_asm_elementwise(INSTRUCTION + " $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
 def _rcp(x, FAST: tl.constexpr):
     # Triton's `/` is div.full.f32, which guards huge divisors; none of ours are.
     if FAST:
-        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
-                                         is_pure=True, pack=1)
+        return _ptx_approx(x, "rcp.approx.ftz.f32")
     else:
         return 1.0 / x
 
@@ -62,8 +67,7 @@ def _rcp(x, FAST: tl.constexpr):
 @triton.jit
 def _rsqrt(x, FAST: tl.constexpr):
     if FAST:
-        return tl.inline_asm_elementwise("rsqrt.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
-                                         is_pure=True, pack=1)
+        return _ptx_approx(x, "rsqrt.approx.ftz.f32")
     else:
         return 1.0 / tl.sqrt(x)
 
@@ -73,8 +77,7 @@ def _exp2(x, FAST: tl.constexpr):
     # tl.exp2 is ex2.approx.f32, which also handles denormal results; an
     # opacity below 1e-38 is zero to us.
     if FAST:
-        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
-                                         is_pure=True, pack=1)
+        return _ptx_approx(x, "ex2.approx.ftz.f32")
     else:
         return tl.exp2(x)
 
