@@ -173,10 +173,12 @@ def _reach(P, x0, x1, y0, y1):
     hit = gx * gx + gy * gy <= reach2
     q_min = 0.0 * cx
     if hit:
-        ax0 = x0 - tl.load(P + 3)
-        ax1 = x1 - tl.load(P + 3)
-        ay0 = y0 - tl.load(P + 4)
-        ay1 = y1 - tl.load(P + 4)
+        px = tl.load(P + 3)
+        py = tl.load(P + 4)
+        ax0 = x0 - px
+        ax1 = x1 - px
+        ay0 = y0 - py
+        ay1 = y1 - py
         cs = tl.load(P + 5)
         sn = tl.load(P + 6)
         mu = tl.load(P + 7)
