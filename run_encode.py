@@ -2,7 +2,7 @@
 """Encode webdataset image shards into Parquet stroke datasets.
 
     python run_encode.py --shards 'laion-art/{00000..00999}.tar' --gpus 8 --output OUT
-    python run_encode.py --shards 'shards/*.tar' --gpus 0 --workers 2 --config configs/cpu_small.yaml
+    python run_encode.py --shards 'shards/*.tar' --gpus 0 --workers 2 --config cpu_small
     python run_encode.py --demo
 
 Rerunning the same command resumes: shards with a stats file are skipped.
@@ -13,7 +13,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.config import DEFAULT_CONFIG
+import encoder
+from pipeline.config import DEFAULT_PRESET
+
+DEFAULT_OUTPUT = "out"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -22,13 +25,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     io.add_argument("--shards", nargs="+", metavar="SPEC",
                     help="shard specs: paths, globs, folders, brace ranges ('{00000..00999}.tar'), "
                          "http(s):// or pipe: urls (anything webdataset opens)")  # fmt: skip
-    io.add_argument("--output", "-o", help="output folder (default: out, or demo_out/strokes with --demo)")
+    io.add_argument("--output", "-o", help=f"output folder (default: {DEFAULT_OUTPUT}, or demo_out/strokes with --demo)")
     io.add_argument("--overwrite", action="store_true", help="redo shards that are already done")
     io.add_argument("--demo", action="store_true",
                     help="build a small demo set from images bundled with scikit-image and encode it")  # fmt: skip
 
     enc = p.add_argument_group("encoder (override the config's encoder: section)")
-    enc.add_argument("--config", help=f"YAML preset (default: {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parent.parent)})")
+    enc.add_argument("--config", help=f"preset name ({', '.join(encoder.preset_names())}) or YAML path "
+                                      f"(default: {DEFAULT_PRESET}; the demo picks cpu_small without a GPU)")
     enc.add_argument("--strokes", type=int, help="strokes per image")
     enc.add_argument("--size", type=int, help="side of the square the image is fitted at")
     enc.add_argument("--seed", type=int)
@@ -59,8 +63,8 @@ def options_from_args(args: argparse.Namespace):
 
     return RunOptions(
         shards=args.shards or [],
-        output=args.output or "out",
-        config=args.config or str(DEFAULT_CONFIG),
+        output=args.output or ("" if args.demo else DEFAULT_OUTPUT),  # the demo picks its own
+        config=args.config,
         encoder_overrides={"strokes": args.strokes, "size": args.size, "seed": args.seed},
         pipeline_overrides={
             "batch_size": args.batch_size,
@@ -83,13 +87,16 @@ def options_from_args(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        if args.demo:
-            from pipeline.demo import run_demo
-
-            return run_demo(args, options_from_args)
+        from pipeline import demo
         from pipeline.driver import run
 
-        return run(options_from_args(args))
+        options = options_from_args(args)
+        if args.demo:
+            options = demo.prepare_demo(options)
+        code = run(options)
+        if args.demo:
+            demo.show_demo(options)
+        return code
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -3,7 +3,7 @@
     python benchmarks/bench_cpu_small.py [--images astronaut coffee] [--threads 2]
 
 Both run the dense reference renderer through the same fit loop; the seed
-algorithm is configs/seed.yaml (300 steps per group at full resolution, the
+algorithm is the seed preset (encoder/presets/seed.yaml) (300 steps per group at full resolution, the
 mean-over-prefixes L1, softmax placement, black background).
 """
 from __future__ import annotations
@@ -30,9 +30,9 @@ def main() -> None:
     ap.add_argument("--skip-seed", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    presets = [("cpu_small", ROOT / "configs" / "cpu_small.yaml")]
+    presets = [("cpu_small", "cpu_small")]
     if not args.skip_seed:
-        presets.append(("seed", ROOT / "configs" / "seed.yaml"))
+        presets.append(("seed", "seed"))
     print(f"torch {torch.__version__}, {args.threads} threads")
     for name in args.images:
         target = pil_to_tensor(center_crop_resize(load_photo(name), 128))[None]

@@ -12,7 +12,7 @@ means decoding or writing is not hidden behind the fit.
 
     python benchmarks/bench_pipeline.py                          # GPU if present, default preset
     python benchmarks/bench_pipeline.py --images 512 --batch-size 32 --json bench.json
-    python benchmarks/bench_pipeline.py --device cpu --config configs/cpu_small.yaml --strokes 50 --size 64 --images 16
+    python benchmarks/bench_pipeline.py --device cpu --config cpu_small --strokes 50 --size 64 --images 16
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from webdataset import TarWriter
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import encoder  # noqa: E402
-from pipeline.config import CPU_CONFIG, DEFAULT_CONFIG, load_pipeline_config  # noqa: E402
+from pipeline.config import CPU_PRESET, DEFAULT_PRESET, load_pipeline_config  # noqa: E402
 from pipeline.demo import PHOTOS, photo  # noqa: E402
 from pipeline.reader import ShardReader  # noqa: E402
 from pipeline.shards import make_shards  # noqa: E402
@@ -143,7 +143,7 @@ def main() -> int:
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    args.config = args.config or str(DEFAULT_CONFIG if device.startswith("cuda") else CPU_CONFIG)
+    args.config = args.config or (DEFAULT_PRESET if device.startswith("cuda") else CPU_PRESET)
     fit = encoder.load_config(args.config, strokes=args.strokes, size=args.size, device=device)
     cfg = load_pipeline_config(args.config, batch_size=args.batch_size, reader_threads=args.reader_threads)
     gpu = torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu"

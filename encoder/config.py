@@ -1,14 +1,113 @@
-"""Fit configuration: one dataclass, read from the ``encoder:`` section of a YAML preset."""
+"""Fit configuration: one dataclass, read from the ``encoder:`` section of a YAML preset.
+
+A preset is one YAML document with an ``encoder:`` section (read here) and a
+``pipeline:`` section (read by the pipeline through ``read_preset``). The
+presets ship inside this package (``encoder/presets/*.yaml``), so an installed
+copy finds them as a checkout does; ``read_preset`` is the one place YAML is
+parsed, for a preset name (``cpu_small``) or a path alike.
+"""
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+DEFAULT_PRESET = "default"
+
+
+def preset_names() -> list[str]:
+    """Names of the presets that ship with the package (``default``, ``cpu_small``, ...)."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def preset_path(name_or_path: str | Path | None) -> Path:
+    """A preset name or a YAML path -> the file. None is the default preset.
+
+    A bare word (no slash, no .yaml suffix) names a packaged preset; anything
+    else is a path, so a user's own ``my.yaml`` is never shadowed by a preset.
+    """
+    if name_or_path is None:
+        name_or_path = DEFAULT_PRESET
+    text = str(name_or_path)
+    if "/" not in text and "\\" not in text and not text.endswith((".yaml", ".yml")):
+        path = PRESET_DIR / f"{text}.yaml"
+        if not path.is_file():
+            raise ValueError(f"no preset named {text!r}; presets: {', '.join(preset_names())} (or give a YAML path)")
+        return path
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise ValueError(f"{path}: no such config file")
+    return path
+
+
+def read_preset(name_or_path: str | Path | None = None) -> dict:
+    """The whole YAML document of a preset or config file, checked to be a mapping of sections."""
+    path = preset_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config must be a mapping with 'encoder:' and 'pipeline:' sections")
+    unknown = sorted(set(data) - {"encoder", "pipeline"})
+    if unknown:
+        raise ValueError(f"{path}: unknown sections {unknown}; a config has 'encoder:' and 'pipeline:'")
+    for section in ("encoder", "pipeline"):
+        if data.get(section) is not None and not isinstance(data[section], dict):
+            raise ValueError(f"{path}: '{section}:' must be a mapping")
+    return data
+
+
+def check_field_types(config, section: str) -> None:
+    """Raise ValueError naming the first field of a dataclass whose value is not of its annotated type.
+
+    YAML and ``--set`` hand over strings, floats and lists freely; a wrong type
+    caught here is one clear line instead of a traceback deep in a worker.
+    Ints are accepted where floats are expected; bools are never taken for numbers.
+    """
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if not _is_instance(value, hints[f.name]):
+            raise ValueError(f"{section}.{f.name} must be {_type_name(hints[f.name])}, got {value!r}")
+
+
+def _is_instance(value, hint) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_instance(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is not None:
+        hint = origin
+    if isinstance(value, bool):
+        return hint is bool
+    if hint is float:
+        return isinstance(value, (int, float))
+    if hint is tuple:
+        return isinstance(value, (tuple, list))
+    return isinstance(value, hint)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_stage(stage) -> bool:
+    return (isinstance(stage, (list, tuple)) and len(stage) == 2 and all(_is_number(v) for v in stage)
+            and 0 < stage[0] <= 1 and stage[1] >= 0)
+
+
+def _type_name(hint) -> str:
+    args = typing.get_args(hint)
+    if args:
+        return " or ".join(_type_name(a) for a in args)
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
 
 
 @dataclass
@@ -41,20 +140,31 @@ class FitConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.strokes < 1 or self.group_size < 1:
-            raise ValueError("strokes and group_size must be positive")
+        check_field_types(self, "encoder")
+        if self.strokes < 1 or self.group_size < 1 or self.steps < 1:
+            raise ValueError("encoder.strokes, group_size and steps must be positive")
+        if not self.lr > 0 or not all(0 <= b < 1 for b in self.betas) or len(self.betas) != 2:
+            raise ValueError(f"encoder.lr must be > 0 and betas two values in [0, 1), got {self.lr}, {self.betas}")
+        if self.device not in ("auto", "cpu", "cuda") and not (self.device.startswith("cuda:")
+                                                                and self.device[5:].isdigit()):
+            raise ValueError(f"encoder.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.size < 8:
-            raise ValueError(f"size must be at least 8 pixels, got {self.size}")
+            raise ValueError(f"encoder.size must be at least 8 pixels, got {self.size}")
         if self.loss not in ("l2", "l1", "prefix_l1"):
-            raise ValueError(f"loss must be l2, l1 or prefix_l1, got {self.loss!r}")
+            raise ValueError(f"encoder.loss must be l2, l1 or prefix_l1, got {self.loss!r}")
         if self.placement not in ("power", "softmax"):
-            raise ValueError(f"placement must be power or softmax, got {self.placement!r}")
+            raise ValueError(f"encoder.placement must be power or softmax, got {self.placement!r}")
         if self.background not in ("mean", "black"):
-            raise ValueError(f"background must be mean or black, got {self.background!r}")
+            raise ValueError(f"encoder.background must be mean or black, got {self.background!r}")
         if self.backend not in ("auto", "triton", "reference"):
-            raise ValueError(f"backend must be auto, triton or reference, got {self.backend!r}")
-        if not self.stages or any(len(s) != 2 or not 0 < s[0] <= 1 or s[1] < 0 for s in self.stages):
-            raise ValueError(f"stages must be [scale in (0, 1], share >= 0] pairs, got {self.stages}")
+            raise ValueError(f"encoder.backend must be auto, triton or reference, got {self.backend!r}")
+        if not self.stages or not all(_is_stage(s) for s in self.stages):
+            raise ValueError(f"encoder.stages must be [scale in (0, 1], share >= 0] pairs, got {self.stages}")
+        positive = ("init_mu_r", "init_sigma_r", "init_sigma_t", "init_alpha", "placement_power")
+        if not all(getattr(self, name) > 0 for name in positive):
+            raise ValueError(f"encoder.{', '.join(positive)} must be > 0")
+        if not all(isinstance(k, str) and _is_number(v) and v >= 0 for k, v in self.lr_scale.items()):
+            raise ValueError(f"encoder.lr_scale must map field names to numbers >= 0, got {self.lr_scale}")
         self.betas = tuple(self.betas)
 
     @property
@@ -82,23 +192,13 @@ class FitConfig:
         return [self.group_size] * full + ([rest] if rest else [])
 
 
-def load_config(path: str | Path | None = None, **overrides) -> FitConfig:
-    """Read the ``encoder:`` section of a YAML preset, then apply ``overrides``.
+def load_config(preset: str | Path | None = None, **overrides) -> FitConfig:
+    """Read the ``encoder:`` section of a preset (a name such as ``cpu_small``, or a YAML path), then apply ``overrides``.
 
-    ``path=None`` reads configs/default.yaml when it exists. Overrides whose
-    value is None are ignored, so command-line flags can be passed straight in.
+    ``preset=None`` is the default preset. Overrides whose value is None are
+    ignored, so command-line flags can be passed straight in.
     """
-    values: dict = {}
-    if path is None and DEFAULT_CONFIG.is_file():
-        path = DEFAULT_CONFIG
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"{path}: no such config file")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping at top level")
-        values.update(data.get("encoder") or {})
+    values: dict = dict(read_preset(preset).get("encoder") or {})
     values.update({k: v for k, v in overrides.items() if v is not None})
     known = {f.name for f in dataclasses.fields(FitConfig)}
     unknown = sorted(set(values) - known)

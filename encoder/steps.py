@@ -6,10 +6,9 @@ CUDA with the Triton backend the whole loop is captured once as a CUDA graph
 per shape and replayed for every later group and batch of that shape;
 elsewhere it runs eagerly. Both run the same code (``_run_steps``).
 
-What that buys (benchmarks/RESULTS.md, runs 23-24): a group runs 1-2% faster
-at B=32 and 8-10% faster at B=1, and a pipeline worker, whose decoding
-threads compete with the launches for the interpreter, went from 0.86x to
-0.92x of the bare encoder's throughput.
+Why: launching from Python costs the interpreter, which a pipeline worker's
+decoding threads also need, and it dominates at small batches. What the
+graphs buy is measured in benchmarks/RESULTS.md ("CUDA graphs").
 """
 from __future__ import annotations
 

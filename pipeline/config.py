@@ -1,8 +1,10 @@
-"""Pipeline settings: the ``pipeline:`` section of a config YAML, plus flag overrides.
+"""Pipeline settings: the ``pipeline:`` section of a preset, plus flag overrides.
 
-The encoder owns the ``encoder:`` section (``encoder.load_config`` reads it);
-this module reads only ``pipeline:``, so the two halves of a preset can evolve
-independently and an unknown key in either is caught by its owner.
+The encoder owns the ``encoder:`` section and the reading of presets
+(``encoder.read_preset``: a packaged name such as ``cpu_small`` or a YAML
+path); this module validates only ``pipeline:``, so each half of a preset is
+checked by its owner and every bad value is one clear error before anything
+starts.
 """
 from __future__ import annotations
 
@@ -10,11 +12,10 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
+import encoder
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
-CPU_CONFIG = REPO_ROOT / "configs" / "cpu_small.yaml"
+DEFAULT_PRESET = "default"
+CPU_PRESET = "cpu_small"
 
 
 @dataclass
@@ -53,38 +54,36 @@ class PipelineConfig:
     # Sample error messages kept per shard in its stats file.
     max_error_messages: int = 50
 
+    def __post_init__(self) -> None:
+        encoder.check_field_types(self, "pipeline")
+        at_least_one = ("batch_size", "reader_threads", "prefetch_batches", "row_group_size", "workers",
+                        "cpus_per_worker", "max_image_pixels", "min_image_side", "max_error_messages")  # fmt: skip
+        for name in at_least_one:
+            if getattr(self, name) < 1:
+                raise ValueError(f"pipeline.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_retries < 0:
+            raise ValueError(f"pipeline.max_retries must be >= 0, got {self.max_retries}")
+        if self.num_cpus is not None and self.num_cpus < 1:
+            raise ValueError(f"pipeline.num_cpus must be >= 1 or null, got {self.num_cpus}")
+        if self.object_store_memory is not None and self.object_store_memory < 78 * 1024 * 1024:
+            raise ValueError("pipeline.object_store_memory must be null or at least 78 MiB (Ray's minimum)")
+        if not 0 < self.dashboard_port < 65536:
+            raise ValueError(f"pipeline.dashboard_port must be a TCP port, got {self.dashboard_port}")
+        if not self.progress_interval > 0:
+            raise ValueError(f"pipeline.progress_interval must be > 0, got {self.progress_interval}")
+
 
 PIPELINE_KEYS = tuple(f.name for f in dataclasses.fields(PipelineConfig))
 
 
-def read_yaml(path: str | Path | None) -> dict:
-    """The whole YAML document of a preset (empty dict when path is None)."""
-    if path is None:
-        return {}
-    with open(path, encoding="utf-8") as handle:
-        data = yaml.safe_load(handle) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: a config must be a mapping with 'encoder:' and 'pipeline:' sections")
-    return data
-
-
-def load_pipeline_config(path: str | Path | None = None, **overrides) -> PipelineConfig:
-    """Read the ``pipeline:`` section of ``path`` and apply ``overrides`` (None values are ignored).
+def load_pipeline_config(preset: str | Path | None = None, **overrides) -> PipelineConfig:
+    """Read the ``pipeline:`` section of a preset (name or path) and apply ``overrides`` (None values are ignored).
 
     Unknown keys raise ValueError: a misspelt knob silently ignored costs a whole run.
     """
-    section = read_yaml(path).get("pipeline") or {}
-    if not isinstance(section, dict):
-        raise ValueError(f"{path}: 'pipeline:' must be a mapping")
+    section = encoder.read_preset(preset).get("pipeline") or {}
     values = {**section, **{k: v for k, v in overrides.items() if v is not None}}
     unknown = sorted(set(values) - set(PIPELINE_KEYS))
     if unknown:
         raise ValueError(f"unknown pipeline config keys {unknown}; known: {list(PIPELINE_KEYS)}")
-    config = PipelineConfig(**values)
-    if config.batch_size < 1:
-        raise ValueError("pipeline.batch_size must be >= 1")
-    if config.max_retries < 0:
-        raise ValueError("pipeline.max_retries must be >= 0")
-    if config.reader_threads < 1 or config.prefetch_batches < 1 or config.row_group_size < 1:
-        raise ValueError("pipeline.reader_threads, prefetch_batches and row_group_size must be >= 1")
-    return config
+    return PipelineConfig(**values)

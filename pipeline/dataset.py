@@ -20,6 +20,8 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset
 
+import encoder
+
 INDEX_COLUMNS = ["key", "caption", "url", "status", "psnr"]
 
 
@@ -59,7 +61,8 @@ def _stroke_shape(schema: pa.Schema) -> tuple[int, int]:
     kind = schema.field("strokes").type
     if isinstance(kind, pa.FixedShapeTensorType):
         return tuple(kind.shape)
-    return (kind.list_size // 10, 10)  # read by an Arrow without the extension
+    width = len(encoder.STROKE_FIELDS)
+    return (kind.list_size // width, width)  # read by an Arrow without the extension
 
 
 class StrokeDataset(Dataset):

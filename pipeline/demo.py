@@ -1,5 +1,9 @@
 """A small demo set, built offline from photos bundled with scikit-image, then encoded.
 
+``run_encode.py --demo`` runs forward through here: ``prepare_demo`` builds the
+shards and completes the run's options for this machine, the run goes like
+any other, and ``show_demo`` renders a few paintings and says where things are.
+
 The shards copy img2dataset's layout exactly ({key}.jpg + {key}.txt +
 {key}.json per sample, 9-digit keys whose leading digits are the shard number,
 and img2dataset's ``{id}_stats.json`` beside each tar), so the demo runs the
@@ -7,17 +11,22 @@ same path as a real LAION or CC12M download.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
-import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from webdataset import TarWriter
 
-from .config import CPU_CONFIG, DEFAULT_CONFIG
+import encoder
+
+from .config import CPU_PRESET, DEFAULT_PRESET
+from .driver import RunOptions
+
+DEMO_ROOT = Path("demo_out")  # in .gitignore
 
 # skimage.data name -> caption. Only images shipped inside the scikit-image wheel:
 # the demo must not need the network.
@@ -67,9 +76,6 @@ def render_previews(parquet: Path, folder: Path, size: int, limit: int = 8) -> l
     """Paint the first ``limit`` ok rows of one output file to PNGs (what the strokes look like)."""
     import torch
 
-    from encoder import render
-    from encoder.images import tensor_to_pil
-
     from .dataset import StrokeDataset
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -77,45 +83,45 @@ def render_previews(parquet: Path, folder: Path, size: int, limit: int = 8) -> l
     data = StrokeDataset(str(parquet))
     for i in range(min(limit, len(data))):
         row = data[i]
-        canvas = render(row["strokes"][None], torch.as_tensor(row["background"])[None], size, size)
+        canvas = encoder.render(row["strokes"][None], torch.as_tensor(row["background"])[None], size, size)
         path = folder / f"{row['key']}.png"
-        tensor_to_pil(canvas[0]).save(path)
+        encoder.tensor_to_pil(canvas[0]).save(path)
         written.append(path)
     return written
 
 
-def run_demo(args, options_from_args) -> int:
-    """``run_encode.py --demo``: build the demo shards, encode them on whatever is here, show where it went."""
+def prepare_demo(options: RunOptions) -> RunOptions:
+    """Build the demo shards, then fill what the user left open: shards, output, preset and workers for this machine."""
     import torch
 
-    from .driver import run
-
-    root = Path("demo_out").resolve()  # in .gitignore
-    shard_dir = root / "shards"
+    shard_dir = DEMO_ROOT.resolve() / "shards"
     paths = build_demo_shards(shard_dir)
     print(f"[demo] built {len(paths)} shards of img2dataset layout in {shard_dir}")
-    cuda = torch.cuda.is_available() and (args.device or "auto") != "cpu" and args.gpus != 0
-    if args.config is None:
-        args.config = str(DEFAULT_CONFIG if cuda else CPU_CONFIG)
-    if not cuda and args.gpus is None:
-        args.gpus = 0
+    cuda = torch.cuda.is_available() and (options.device or "auto") != "cpu" and options.gpus != 0
+    gpus, pipeline_overrides = options.gpus, dict(options.pipeline_overrides)
+    if not cuda and gpus is None:
+        gpus = 0
         # One single-threaded worker per core: the CPU fit does not scale across threads as well.
-        args.workers = args.workers or min(len(paths), os.cpu_count() or 1)
-    args.shards = [str(shard_dir / ("{00000..%05d}.tar" % (len(paths) - 1)))]
-    args.output = args.output or str(root / "strokes")
-    print(f"[demo] encoding on {'cuda' if cuda else 'cpu'} with {args.config}")
-    started = time.time()
-    code = run(options_from_args(args))
-    print(f"[demo] encoding took {time.time() - started:.0f} s")
-    out = Path(args.output)
+        pipeline_overrides["workers"] = pipeline_overrides.get("workers") or min(len(paths), os.cpu_count() or 1)
+    config = options.config or (DEFAULT_PRESET if cuda else CPU_PRESET)
+    print(f"[demo] encoding on {'cuda' if cuda else 'cpu'} with the {config} preset")
+    return dataclasses.replace(
+        options, shards=[str(shard_dir / ("{00000..%05d}.tar" % (len(paths) - 1)))],
+        output=options.output or str(DEMO_ROOT.resolve() / "strokes"), config=config, gpus=gpus,
+        pipeline_overrides=pipeline_overrides)  # fmt: skip
+
+
+def show_demo(options: RunOptions) -> None:
+    """Paint a few rows of each output file and say where the strokes, stats and paintings are."""
+    out = Path(options.output)
     previews = []
     for parquet in sorted(out.glob("*.parquet")):
         previews += render_previews(parquet, out / "previews", _size_of(parquet), limit=4)
     print(f"[demo] strokes: {out}/*.parquet  stats: {out}/*_stats.json  summary: {out}/_summary.json")
     if previews:
         print(f"[demo] {len(previews)} paintings rendered from the strokes: {out / 'previews'}")
-    print(f"[demo] render one yourself: python -m encoder render {out}/00000.parquet --key 000000000 --size 512 -o painting.png")
-    return code
+    print(f"[demo] render one yourself: python -m pipeline render {out}/00000.parquet --key 000000000 --size 512 "
+          "-o painting.png")
 
 
 def _size_of(parquet: Path) -> int:

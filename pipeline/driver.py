@@ -24,10 +24,12 @@ from tqdm import tqdm
 
 import encoder
 
-from .config import REPO_ROOT, PipelineConfig, load_pipeline_config
+from .config import PipelineConfig, load_pipeline_config
 from .shards import Shard, clean_temp, expected_samples, make_shards, plan
 from .worker import ShardEncoder
 from .writer import write_json_atomic
+
+CODE_ROOT = Path(__file__).resolve().parent.parent  # the folder holding pipeline/ and encoder/
 
 # Fault injection for tests: a marker path; the first worker to reach it dies once.
 CRASH_ONCE_ENV = "PAINTERBOT_CRASH_ONCE"
@@ -106,8 +108,9 @@ class RayBackend:
         self.ray = ray
         self.started_here = options.address is None
         if self.started_here:
-            # Workers import pipeline/ and encoder/ from this checkout, wherever the driver was started.
-            pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
+            # Workers import pipeline/ and encoder/ from where the driver found them (a checkout or
+            # site-packages), wherever the driver was started.
+            pythonpath = os.pathsep.join(p for p in (str(CODE_ROOT), os.environ.get("PYTHONPATH")) if p)
             context = ray.init(
                 num_cpus=cfg.num_cpus,
                 object_store_memory=cfg.object_store_memory,
@@ -310,7 +313,7 @@ def run(options: RunOptions) -> int:
     device, gpus = resolve_device(options.device or fit_config.device, options.gpus)
     if device == "cpu" and fit_config.strokes * fit_config.size**2 > 200 * 128**2:
         _log(f"no GPU in use: {fit_config.strokes} strokes at {fit_config.size} px will be slow on CPU "
-             "(configs/cpu_small.yaml is the CPU preset)")  # fmt: skip
+             "(--config cpu_small is the CPU preset)")  # fmt: skip
     if not options.use_ray and device == "cuda" and (options.device or "").startswith("cuda:"):
         device = options.device  # in-process, a specific GPU may be named
     fit_config = dataclasses.replace(fit_config, device=device)

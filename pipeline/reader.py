@@ -21,7 +21,7 @@ from PIL import Image, ImageOps
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
-from encoder.images import center_crop_resize, pil_to_tensor
+from encoder import center_crop_resize, pil_to_tensor
 
 # First match wins when a sample carries several images.
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")

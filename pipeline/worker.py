@@ -22,17 +22,15 @@ import threading
 import time
 import zlib
 from collections import Counter
-from dataclasses import asdict
 from datetime import datetime, timezone
 
 import torch
 
-import encoder  # the public API only: encoder.FitConfig, encoder.fit_batch (looked up per call)
-from encoder.strokes import FIELDS
+import encoder  # the public API only (encoder.fit_batch is looked up per call)
 
 from .config import PipelineConfig
 from .reader import Record, ShardReader, is_remote
-from .writer import FORMAT_VERSION, ShardWriter
+from .writer import FORMAT_VERSION, ShardWriter, encoder_metadata
 
 _END = object()  # end of a stream between stages
 
@@ -319,7 +317,7 @@ class ShardEncoder:
             second, s2 = self._fit_images(targets[half:], seed)
             return first + second, s1 + s2
         batch, n = targets.shape[0], self.fit_config.strokes
-        if tuple(result.strokes.shape) != (batch, n, len(FIELDS)):
+        if tuple(result.strokes.shape) != (batch, n, len(encoder.STROKE_FIELDS)):
             raise RuntimeError(f"fit_batch returned strokes {list(result.strokes.shape)}, expected [{batch}, {n}, 10]")
         strokes = result.strokes.detach().float().cpu()
         background = result.background.detach().float().cpu()
@@ -363,7 +361,7 @@ class ShardEncoder:
 
     def _file_metadata(self, url: str) -> dict[str, str]:
         return {
-            "encoder_config": json.dumps(asdict(self.fit_config), sort_keys=True, default=str),
+            **encoder_metadata(self.fit_config),
             "source": url,
             "device": self.device,
             "created_by": "painterbot pipeline",

@@ -1,4 +1,4 @@
-"""One Parquet file per input shard, committed atomically, then its stats file.
+"""The output format: one schema, one writer. One Parquet file per input shard, committed atomically, then its stats file.
 
 Rows stream into a hidden temporary file row group by row group (a 10,000-image
 shard of 1000 strokes is 400 MB of floats: it is never held whole), and the file
@@ -9,6 +9,7 @@ file from this or an earlier run, never a partial one.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import uuid
@@ -18,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from encoder.strokes import FIELDS
+from encoder import STROKE_FIELDS
 
 from .shards import parquet_path, stats_path, temp_path
 
@@ -30,7 +31,7 @@ META_PREFIX = "painterbot."
 
 def strokes_type(n_strokes: int) -> pa.DataType:
     """``[N, 10]`` float32 per row; readers without the extension see fixed_size_list<float>[N*10]."""
-    return pa.fixed_shape_tensor(pa.float32(), [n_strokes, len(FIELDS)])
+    return pa.fixed_shape_tensor(pa.float32(), [n_strokes, len(STROKE_FIELDS)])
 
 
 def make_schema(n_strokes: int, metadata: dict[str, str] | None = None) -> pa.Schema:
@@ -50,11 +51,16 @@ def make_schema(n_strokes: int, metadata: dict[str, str] | None = None) -> pa.Sc
     ]
     meta = {
         f"{META_PREFIX}format_version": FORMAT_VERSION,
-        f"{META_PREFIX}stroke_fields": json.dumps(list(FIELDS)),
+        f"{META_PREFIX}stroke_fields": json.dumps(list(STROKE_FIELDS)),
         f"{META_PREFIX}n_strokes": str(n_strokes),
     }
     meta.update({f"{META_PREFIX}{k}": v for k, v in (metadata or {}).items()})
     return pa.schema(fields, metadata=meta)
+
+
+def encoder_metadata(config) -> dict[str, str]:
+    """File metadata recording the encoder settings that made the rows (an ``encoder.FitConfig``)."""
+    return {"encoder_config": json.dumps(dataclasses.asdict(config), sort_keys=True, default=str)}
 
 
 def _fixed_list(rows: list, width: int) -> pa.Array:
@@ -122,19 +128,20 @@ def write_json_atomic(path: str | Path, data: dict) -> Path:
     return path
 
 
-class ShardWriter:
-    """Streams rows of one shard into ``.{id}.parquet.{tag}.tmp``; ``commit`` makes it ``{id}.parquet``.
+class ParquetRowWriter:
+    """Streams rows into a hidden temporary sibling of ``path``; ``commit`` renames it to ``path``.
 
-    Not thread-safe: one writer thread owns it.
+    The one way PainterBot writes an output file: shards (``ShardWriter``) and
+    single-image fits (``python -m pipeline fit -o``) alike, so every file has
+    the same schema and is read by the same loader. Not thread-safe: one
+    writer thread owns it.
     """
 
-    def __init__(self, out_dir: str | Path, shard_id: str, n_strokes: int,
-                 metadata: dict[str, str] | None = None, row_group_size: int = 256):  # fmt: skip
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.shard_id = shard_id
-        self.schema = make_schema(n_strokes, {"shard_id": shard_id, **(metadata or {})})
-        self.final = parquet_path(self.out_dir, shard_id)
+    def __init__(self, path: str | Path, n_strokes: int, metadata: dict[str, str] | None = None,
+                 row_group_size: int = 256):  # fmt: skip
+        self.final = Path(path)
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.schema = make_schema(n_strokes, metadata)
         self.tmp = temp_path(self.final, uuid.uuid4().hex[:12])
         self.row_group_size = row_group_size
         self.rows = 0
@@ -153,18 +160,16 @@ class ShardWriter:
             self._writer.write_table(rows_to_table(rows, self.schema), row_group_size=len(rows))
             self.rows += len(rows)
 
-    def commit(self, stats: dict) -> dict:
-        """Finish the Parquet file, move it into place, then write the stats (the done marker)."""
+    def commit(self) -> Path:
+        """Finish the file and move it into place; returns its final path."""
         self._write(self._pending)
         self._pending = []
         self._writer.close()
         with open(self.tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(self.tmp, self.final)
-        _fsync_dir(self.out_dir)
-        stats = {**stats, "rows": self.rows, "parquet": self.final.name, "parquet_bytes": self.final.stat().st_size}
-        write_json_atomic(stats_path(self.out_dir, self.shard_id), stats)
-        return stats
+        _fsync_dir(self.final.parent)
+        return self.final
 
     def abort(self) -> None:
         """Drop the temporary file of a failed attempt."""
@@ -173,3 +178,21 @@ class ShardWriter:
         except Exception:  # noqa: BLE001 - already broken; the file goes anyway
             pass
         self.tmp.unlink(missing_ok=True)
+
+
+class ShardWriter(ParquetRowWriter):
+    """``{id}.parquet`` of one shard, then its stats file (the done marker), in that order."""
+
+    def __init__(self, out_dir: str | Path, shard_id: str, n_strokes: int,
+                 metadata: dict[str, str] | None = None, row_group_size: int = 256):  # fmt: skip
+        self.out_dir = Path(out_dir)
+        self.shard_id = shard_id
+        super().__init__(parquet_path(self.out_dir, shard_id), n_strokes, {"shard_id": shard_id, **(metadata or {})},
+                         row_group_size)
+
+    def commit(self, stats: dict) -> dict:  # type: ignore[override]
+        """Finish the Parquet file, move it into place, then write the stats (the done marker)."""
+        super().commit()
+        stats = {**stats, "rows": self.rows, "parquet": self.final.name, "parquet_bytes": self.final.stat().st_size}
+        write_json_atomic(stats_path(self.out_dir, self.shard_id), stats)
+        return stats

@@ -19,6 +19,8 @@ import numpy as np
 import yaml
 from PIL import Image
 
+import encoder
+
 REPO = Path(__file__).resolve().parent.parent
 # A fit that takes a fraction of a second per image on one CPU core, so a run of
 # a few dozen images through Ray stays within seconds. The dense reference
@@ -133,8 +135,8 @@ def tar_samples(path: str | Path) -> dict[str, dict]:
 
 
 def tiny_config(path: str | Path, **pipeline) -> Path:
-    """configs/cpu_small.yaml with the tiny fit and test-friendly pipeline knobs."""
-    data = yaml.safe_load((REPO / "configs" / "cpu_small.yaml").read_text()) or {}
+    """The cpu_small preset with the tiny fit and test-friendly pipeline knobs."""
+    data = encoder.read_preset("cpu_small")
     data.setdefault("encoder", {})
     data["encoder"] = {**(data["encoder"] or {}), **TINY}
     data["pipeline"] = {**(data.get("pipeline") or {}), "include_dashboard": False, "num_cpus": 2,

@@ -1,4 +1,4 @@
-"""`python -m encoder fit | render` as a user runs them: outputs, JSON lines, one-line errors."""
+"""`python -m pipeline fit | render` as a user runs them: outputs, JSON lines, one-line errors."""
 import json
 import subprocess
 import sys
@@ -9,12 +9,12 @@ from PIL import Image
 
 from conftest import DATA, ROOT
 
-SMALL = ["--config", str(ROOT / "configs" / "cpu_small.yaml"), "--strokes", "6", "--size", "24",
+SMALL = ["--config", "cpu_small", "--strokes", "6", "--size", "24",
          "--set", "steps=4", "group_size=3", "--device", "cpu", "--quiet"]
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "encoder", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
 
 
@@ -58,7 +58,7 @@ def test_fit_writes_rows_previews_and_survives_a_bad_file(tmp_path):
     assert proc.returncode == 1  # one image failed
     lines = [json.loads(line) for line in proc.stdout.strip().splitlines()]
     by_image = {line["image"]: line for line in lines}
-    assert by_image[str(bad)]["status"] == "error" and "cannot read image" in by_image[str(bad)]["error"]
+    assert by_image[str(bad)]["status"] == "decode_error" and "cannot read image" in by_image[str(bad)]["error"]
     assert by_image[str(good)]["status"] == "ok" and by_image[str(good)]["psnr"] > 5
     assert {"image", "psnr", "seconds"} <= set(by_image[str(good)])
     assert Image.open(previews / "good.png").size == (24, 24)

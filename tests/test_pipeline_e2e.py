@@ -198,11 +198,11 @@ def test_rerun_skips_and_changes_nothing(run):
     assert run["after"] == run["snapshot"]  # same files, same bytes, same mtimes
 
 
-def test_encoder_renders_a_row_of_the_output(run):
+def test_cli_renders_a_row_of_the_output(run):
     out, tmp = run["out"], run["tmp"]
     key = next(r["key"] for r in _rows(out, "00000") if r["status"] == "ok")
     png = tmp / "painting.png"
-    result = subprocess.run([sys.executable, "-m", "encoder", "render", str(out / "00000.parquet"), "--key", key,
+    result = subprocess.run([sys.executable, "-m", "pipeline", "render", str(out / "00000.parquet"), "--key", key,
                              "--size", "32", "-o", str(png)], cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     from PIL import Image

@@ -206,7 +206,7 @@ def test_stroke_dataset_serves_ok_rows_only(tmp_path):
 
 # -- the worker loop, in process, with the real encoder -------------------------------------
 def _encoder(batch_size=4, **pipeline):
-    fit = encoder.load_config(str(Path(__file__).resolve().parent.parent / "configs" / "cpu_small.yaml"), **TINY)
+    fit = encoder.load_config("cpu_small", **TINY)
     cfg = load_pipeline_config(None, batch_size=batch_size, row_group_size=4, **pipeline)
     return ShardEncoder(fit, cfg, device="cpu", worker_id="test")
 
