@@ -6,9 +6,9 @@ users import from here, never from the submodules. Public API::
     from encoder import load_config, fit_batch, render          # fit and paint
     from encoder import STROKE_FIELDS, validate_strokes, load_seed_checkpoint
     from encoder import load_image, center_crop_resize, pil_to_tensor, tensor_to_pil, psnr
-    from encoder import read_preset, preset_names, check_field_types   # presets and config checks
+    from encoder import read_preset, preset_names, parse_overrides, check_field_types   # presets, config
 """
-from .config import FitConfig, check_field_types, load_config, preset_names, read_preset
+from .config import FitConfig, check_field_types, load_config, parse_overrides, preset_names, read_preset
 from .fit import FitResult, fit_batch
 from .images import ImageError, center_crop_resize, load_image, pil_to_tensor, psnr, tensor_to_pil
 from .renderer import loss_and_grad, render, resolve_backend, resolve_device
@@ -19,6 +19,6 @@ from .strokes import validate as validate_strokes
 __all__ = [
     "FitConfig", "FitResult", "ImageError", "STROKE_FIELDS", "StrokeError", "center_crop_resize",
     "check_field_types", "fit_batch", "load_config", "load_image", "load_seed_checkpoint", "loss_and_grad",
-    "pil_to_tensor", "preset_names", "psnr", "random_strokes", "read_preset", "render", "resolve_backend",
+    "parse_overrides", "pil_to_tensor", "preset_names", "psnr", "random_strokes", "read_preset", "render", "resolve_backend",
     "resolve_device", "tensor_to_pil", "validate_strokes",
 ]

@@ -63,6 +63,20 @@ def read_preset(name_or_path: str | Path | None = None) -> dict:
     return data
 
 
+def parse_overrides(items: list[str]) -> dict:
+    """``["steps=50", "stages=[[1.0, 1]]"]`` -> ``{"steps": 50, "stages": [[1.0, 1]]}``: values read as YAML scalars."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"expected key=value, got {item!r}")
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ValueError(f"{key}: {value!r} is not a valid value") from None
+    return out
+
+
 def check_field_types(config, section: str) -> None:
     """Raise ValueError naming the first field of a dataclass whose value is not of its annotated type.
 

@@ -1,4 +1,4 @@
-"""Dense pure-PyTorch renderer: the stroke model (STROKE_MODEL.md) in code.
+"""Dense pure-PyTorch renderer: the stroke model (docs/stroke_model.md) in code.
 
 It is differentiable by autograd, runs anywhere, and is the oracle every
 fast path is tested against. It evaluates every stroke at every pixel, so it

@@ -2,7 +2,7 @@
 initial values and the import of the seed's checkpoint format.
 
 Strokes live in one float tensor ``[B, N, 10]`` (B paintings, N strokes each),
-fields in the order of ``FIELDS`` (see STROKE_MODEL.md).
+fields in the order of ``FIELDS`` (see docs/stroke_model.md).
 """
 from __future__ import annotations
 

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 import encoder
 from encoder import FitConfig, ImageError, StrokeError, load_image, psnr, render, resolve_device, tensor_to_pil
@@ -33,20 +32,10 @@ class UsageError(Exception):
     """A problem the user can fix; printed as one line."""
 
 
-def _overrides(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UsageError(f"--set expects key=value, got {item!r}")
-        out[key] = yaml.safe_load(value)
-    return out
-
-
 def _config(args) -> FitConfig:
     try:
         return encoder.load_config(args.config, strokes=args.strokes, size=args.size, device=args.device, seed=args.seed,
-                           **_overrides(args.set))
+                           **encoder.parse_overrides(args.set))
     except (ValueError, TypeError) as exc:
         raise UsageError(str(exc)) from None
 

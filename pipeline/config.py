@@ -20,7 +20,7 @@ CPU_PRESET = "cpu_small"
 
 @dataclass
 class PipelineConfig:
-    # Images per fit_batch call: the unit of GPU work (DESIGN.md, performance shape).
+    # Images per fit_batch call: the unit of GPU work (docs/architecture.md, performance shape).
     batch_size: int = 16
     # Extra attempts for a shard whose task raised or whose actor died.
     max_retries: int = 2
