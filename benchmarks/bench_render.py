@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from encoder import reference, triton_render  # noqa: E402
+from encoder import reference, triton_debug, triton_render  # noqa: E402
 from encoder.strokes import ALPHA, MU_R, SIGMA_R, SIGMA_T, random_strokes  # noqa: E402
 
 
@@ -101,7 +101,7 @@ def main() -> None:
                     shape, warps = variant.split(":")
                     tile = tuple(int(t) for t in shape.split("x"))
                     ms, mb = bench_triton(s, base, tgt, tile, int(warps))
-                    painted = triton_render.tile_hits(s, size, size, tile).float().mean().item()
+                    painted = triton_debug.tile_hits(s, size, size, tile).float().mean().item()
                     row = dict(size=size, kind=kind, batch=b, tile=variant, triton_ms=ms, triton_mb=mb,
                                ref_ms=ref_ms, ref_mb=ref_mb, speedup=ref_ms / ms, painted=painted,
                                gpix_per_s=work / ms / 1e6)

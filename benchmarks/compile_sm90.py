@@ -14,7 +14,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from encoder import optim, triton_render as tr  # noqa: E402
+from encoder import optim, triton_debug, triton_render as tr  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 P = "*fp32"
@@ -37,7 +37,7 @@ for bh, bw, warps, _ in tr.TILES:
             triton.compile(ASTSource(tr._forward_kernel, FWD, consts), target=TARGET, options={"num_warps": warps})
         consts = dict(LOSS_KIND=kind, BASE_GRAD=True, BH=bh, BW=bw, FAST=True)
         triton.compile(ASTSource(tr._backward_kernel, BWD, consts), target=TARGET, options={"num_warps": warps})
-    triton.compile(ASTSource(tr._tile_hits_kernel, HITS, dict(BH=bh, BW=bw)), target=TARGET,
+    triton.compile(ASTSource(triton_debug._tile_hits_kernel, HITS, dict(BH=bh, BW=bw)), target=TARGET,
                    options={"num_warps": warps})
     print(f"tile {bh}x{bw} on {warps} warps: forward, backward (every loss) and culling compile for sm_90")
 triton.compile(ASTSource(optim._adam_kernel, ADAM, dict(FIELDS=10, BLOCK=1024)), target=TARGET, options={"num_warps": 2})

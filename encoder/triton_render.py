@@ -11,7 +11,7 @@ materialised: memory is O(B x H x W).
 
 A small kernel first derives, once per stroke, what every tile would
 otherwise recompute (pole, rotation, inverse widths, culling radius): the
-"prepared" strokes, ``[B, N, PREP]``.
+"prepared" strokes, ``[B, N, PREP]`` in the layout of PREPARED_FIELDS.
 
 Shapes: strokes ``[B, N, 10]``, base/target/canvas ``[B, 3, H, W]``, float32.
 """
@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .strokes import FIELDS
+
 LOSS_KINDS = {"l1": 0, "l2": 1, "prefix_l1": 2}
 
 # A tile skips a stroke only where the stroke's opacity is provably below
@@ -35,13 +37,44 @@ CULL_OPACITY = 1e-7
 # from the base instead.
 UNBLEND_LIMIT = 64.0
 
-# A prepared stroke is PREP floats (written by _prepare_kernel; the kernels
-# read them by offset): 0 cx, 1 cy, 2 squared radius of the disc that holds the
-# footprint (-1: never visible), 3-4 the pole, 5-6 cos and sin of rot, 7 mu_r,
-# 8 kr = 1 / (sigma_r mu_r)^2, 9 kt = 1 / sigma_t^2, 10-11 kr and kt times
-# -log2(e) / 2 (so exp(-q) = exp2(kr' rho^2 + kt' phi^2)), 12 log(alpha / cull),
-# 13 alpha, 14 sigma_r mu_r, 15 unused (alignment).
-PREP = 16
+# A prepared stroke: what _prepare_kernel writes and the other kernels read,
+# one float each, in this order.
+PREPARED_FIELDS = (
+    "cx", "cy",
+    "reach2",  # squared radius of the disc around the centre that holds the footprint (-1: never visible)
+    "px", "py",  # the pole
+    "cos", "sin",  # of rot
+    "mu",  # mu_r
+    "kr", "kt",  # 1 / (sigma_r mu_r)^2 and 1 / sigma_t^2
+    "kr_exp2", "kt_exp2",  # kr and kt times -log2(e) / 2, so exp(-q) = exp2(kr' rho^2 + kt' phi^2)
+    "log_ratio",  # log(alpha / cull)
+    "alpha",
+    "srm",  # sigma_r mu_r
+    "pad",  # unused: pads a record to 64 bytes, so none straddles a cache line
+)
+
+
+def _at(layout: tuple[str, ...], name: str) -> tl.constexpr:
+    # Kernels may read a module global only when it is a tl.constexpr (newer
+    # Triton refuses others); as one it also folds into the address.
+    return tl.constexpr(layout.index(name))
+
+
+# Floats per raw stroke and per prepared stroke (the kernels' strides).
+STROKE = tl.constexpr(len(FIELDS))
+PREP = tl.constexpr(len(PREPARED_FIELDS))
+# Raw stroke fields, where strokes.FIELDS puts them.
+F_CX, F_CY, F_ROT = _at(FIELDS, "cx"), _at(FIELDS, "cy"), _at(FIELDS, "rot")
+F_MU_R, F_SIGMA_R, F_SIGMA_T = _at(FIELDS, "mu_r"), _at(FIELDS, "sigma_r"), _at(FIELDS, "sigma_t")
+F_RED, F_GREEN, F_BLUE, F_ALPHA = _at(FIELDS, "r"), _at(FIELDS, "g"), _at(FIELDS, "b"), _at(FIELDS, "alpha")
+# Prepared stroke fields.
+P_CX, P_CY, P_REACH2 = _at(PREPARED_FIELDS, "cx"), _at(PREPARED_FIELDS, "cy"), _at(PREPARED_FIELDS, "reach2")
+P_PX, P_PY = _at(PREPARED_FIELDS, "px"), _at(PREPARED_FIELDS, "py")
+P_COS, P_SIN, P_MU = _at(PREPARED_FIELDS, "cos"), _at(PREPARED_FIELDS, "sin"), _at(PREPARED_FIELDS, "mu")
+P_KR, P_KT = _at(PREPARED_FIELDS, "kr"), _at(PREPARED_FIELDS, "kt")
+P_KR_EXP2, P_KT_EXP2 = _at(PREPARED_FIELDS, "kr_exp2"), _at(PREPARED_FIELDS, "kt_exp2")
+P_LOG_RATIO, P_ALPHA = _at(PREPARED_FIELDS, "log_ratio"), _at(PREPARED_FIELDS, "alpha")
+P_SRM, P_PAD = _at(PREPARED_FIELDS, "srm"), _at(PREPARED_FIELDS, "pad")
 
 
 def _fast_math() -> bool:
@@ -113,14 +146,14 @@ def _prepare_kernel(S, PREPARED, total, cull_opacity, BLOCK: tl.constexpr):
     """
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = i < total
-    s = S + i.to(tl.int64) * 10
-    cx = tl.load(s + 0, mask=m, other=0.0)
-    cy = tl.load(s + 1, mask=m, other=0.0)
-    rot = tl.load(s + 2, mask=m, other=0.0)
-    mu = tl.load(s + 3, mask=m, other=1.0)
-    sr = tl.load(s + 4, mask=m, other=1.0)
-    st = tl.load(s + 5, mask=m, other=1.0)
-    alpha = tl.load(s + 9, mask=m, other=1.0)
+    s = S + i.to(tl.int64) * STROKE
+    cx = tl.load(s + F_CX, mask=m, other=0.0)
+    cy = tl.load(s + F_CY, mask=m, other=0.0)
+    rot = tl.load(s + F_ROT, mask=m, other=0.0)
+    mu = tl.load(s + F_MU_R, mask=m, other=1.0)
+    sr = tl.load(s + F_SIGMA_R, mask=m, other=1.0)
+    st = tl.load(s + F_SIGMA_T, mask=m, other=1.0)
+    alpha = tl.load(s + F_ALPHA, mask=m, other=1.0)
     cs = tl.cos(rot)
     sn = tl.sin(rot)
     srm = sr * mu
@@ -132,23 +165,23 @@ def _prepare_kernel(S, PREPARED, total, cull_opacity, BLOCK: tl.constexpr):
     phi_max = tl.minimum(st * k, 3.141592653589793)
     reach2 = outer * outer + mu * mu - 2.0 * outer * mu * tl.cos(phi_max)
     reach = tl.sqrt(tl.maximum(reach2, 0.0)) * 1.001 + 1e-6
-    p = PREPARED + i.to(tl.int64) * 16
-    tl.store(p + 0, cx, mask=m)
-    tl.store(p + 1, cy, mask=m)
-    tl.store(p + 2, tl.where(log_ratio > 0.0, reach * reach, -1.0), mask=m)
-    tl.store(p + 3, cx - cs * mu, mask=m)
-    tl.store(p + 4, cy + sn * mu, mask=m)
-    tl.store(p + 5, cs, mask=m)
-    tl.store(p + 6, sn, mask=m)
-    tl.store(p + 7, mu, mask=m)
-    tl.store(p + 8, kr, mask=m)
-    tl.store(p + 9, kt, mask=m)
-    tl.store(p + 10, kr * -0.7213475204444817, mask=m)  # -log2(e) / 2
-    tl.store(p + 11, kt * -0.7213475204444817, mask=m)
-    tl.store(p + 12, log_ratio, mask=m)
-    tl.store(p + 13, alpha, mask=m)
-    tl.store(p + 14, srm, mask=m)
-    tl.store(p + 15, 0.0 * cx, mask=m)
+    p = PREPARED + i.to(tl.int64) * PREP
+    tl.store(p + P_CX, cx, mask=m)
+    tl.store(p + P_CY, cy, mask=m)
+    tl.store(p + P_REACH2, tl.where(log_ratio > 0.0, reach * reach, -1.0), mask=m)
+    tl.store(p + P_PX, cx - cs * mu, mask=m)
+    tl.store(p + P_PY, cy + sn * mu, mask=m)
+    tl.store(p + P_COS, cs, mask=m)
+    tl.store(p + P_SIN, sn, mask=m)
+    tl.store(p + P_MU, mu, mask=m)
+    tl.store(p + P_KR, kr, mask=m)
+    tl.store(p + P_KT, kt, mask=m)
+    tl.store(p + P_KR_EXP2, kr * -0.7213475204444817, mask=m)  # -log2(e) / 2
+    tl.store(p + P_KT_EXP2, kt * -0.7213475204444817, mask=m)
+    tl.store(p + P_LOG_RATIO, log_ratio, mask=m)
+    tl.store(p + P_ALPHA, alpha, mask=m)
+    tl.store(p + P_SRM, srm, mask=m)
+    tl.store(p + P_PAD, 0.0 * cx, mask=m)
 
 
 @triton.jit
@@ -165,23 +198,23 @@ def _reach(P, x0, x1, y0, y1):
       the one of largest cos(phi), and phi^2 >= 2 (1 - cos(phi)) on [0, pi]
       (tight for the small angles where culling decides; no arctangent).
     """
-    cx = tl.load(P + 0)
-    cy = tl.load(P + 1)
-    reach2 = tl.load(P + 2)
+    cx = tl.load(P + P_CX)
+    cy = tl.load(P + P_CY)
+    reach2 = tl.load(P + P_REACH2)
     gx = tl.maximum(tl.maximum(x0 - cx, cx - x1), 0.0)
     gy = tl.maximum(tl.maximum(y0 - cy, cy - y1), 0.0)
     hit = gx * gx + gy * gy <= reach2
     q_min = 0.0 * cx
     if hit:
-        px = tl.load(P + 3)
-        py = tl.load(P + 4)
+        px = tl.load(P + P_PX)
+        py = tl.load(P + P_PY)
         ax0 = x0 - px
         ax1 = x1 - px
         ay0 = y0 - py
         ay1 = y1 - py
-        cs = tl.load(P + 5)
-        sn = tl.load(P + 6)
-        mu = tl.load(P + 7)
+        cs = tl.load(P + P_COS)
+        sn = tl.load(P + P_SIN)
+        mu = tl.load(P + P_MU)
         nx = tl.maximum(tl.maximum(ax0, -ax1), 0.0)
         ny = tl.maximum(tl.maximum(ay0, -ay1), 0.0)
         fx = tl.maximum(tl.abs(ax0), tl.abs(ax1))
@@ -205,8 +238,8 @@ def _reach(P, x0, x1, y0, y1):
                              tl.maximum(_cos_of(u10, v10), _cos_of(u11, v11)))
         straddles = (v_hi >= 0.0) & (v_lo <= 0.0) & (u_hi >= 0.0)
         one_minus_cos = tl.where(straddles, 0.0, tl.maximum(1.0 - cos_max - 1e-6, 0.0))
-        q_min = 0.5 * tl.load(P + 8) * rho_min * rho_min + tl.load(P + 9) * one_minus_cos
-        hit = q_min <= tl.load(P + 12)
+        q_min = 0.5 * tl.load(P + P_KR) * rho_min * rho_min + tl.load(P + P_KT) * one_minus_cos
+        hit = q_min <= tl.load(P + P_LOG_RATIO)
     return hit, q_min
 
 
@@ -223,17 +256,17 @@ def _footprint(xs, ys, P, FAST: tl.constexpr):
     ``xs`` is a row of pixel-centre x ([1, BW]) and ``ys`` a column ([BH, 1]):
     the rotation is applied to each before they broadcast to the tile.
     """
-    cs = tl.load(P + 5)
-    sn = tl.load(P + 6)
-    dx = xs - tl.load(P + 3)
-    dy = ys - tl.load(P + 4)
+    cs = tl.load(P + P_COS)
+    sn = tl.load(P + P_SIN)
+    dx = xs - tl.load(P + P_PX)
+    dy = ys - tl.load(P + P_PY)
     u = cs * dx - sn * dy
     v = sn * dx + cs * dy
     rr = tl.maximum(u * u + v * v, 1e-24)
     inv_r = _rsqrt(rr, FAST)
-    rho = rr * inv_r - tl.load(P + 7)
+    rho = rr * inv_r - tl.load(P + P_MU)
     phi = _atan2(v, u, FAST)
-    e = _exp2(rho * rho * tl.load(P + 10) + phi * phi * tl.load(P + 11), FAST)
+    e = _exp2(rho * rho * tl.load(P + P_KR_EXP2) + phi * phi * tl.load(P + P_KT_EXP2), FAST)
     return e, u, v, inv_r, rho, phi
 
 
@@ -279,10 +312,10 @@ def _blend(P, S, c0, c1, c2, xs, ys, x0, x1, y0, y1, FAST: tl.constexpr):
     hit, q_min = _reach(P, x0, x1, y0, y1)
     if hit:
         e, u, v, inv_r, rho, phi = _footprint(xs, ys, P, FAST)
-        a = tl.load(P + 13) * e
-        c0 += a * (tl.load(S + 6) - c0)
-        c1 += a * (tl.load(S + 7) - c1)
-        c2 += a * (tl.load(S + 8) - c2)
+        a = tl.load(P + P_ALPHA) * e
+        c0 += a * (tl.load(S + F_RED) - c0)
+        c1 += a * (tl.load(S + F_GREEN) - c1)
+        c2 += a * (tl.load(S + F_BLUE) - c2)
     return c0, c1, c2, hit
 
 
@@ -290,7 +323,7 @@ def _blend(P, S, c0, c1, c2, xs, ys, x0, x1, y0, y1, FAST: tl.constexpr):
 def _paint(PREPARED, S, n_strokes, c0, c1, c2, xs, ys, x0, x1, y0, y1, FAST: tl.constexpr):
     """Blend strokes 0..n_strokes-1 of one image over a canvas tile (no loss)."""
     for j in range(n_strokes):
-        c0, c1, c2, hit = _blend(PREPARED + j * 16, S + j * 10, c0, c1, c2, xs, ys, x0, x1, y0, y1, FAST)
+        c0, c1, c2, hit = _blend(PREPARED + j * PREP, S + j * STROKE, c0, c1, c2, xs, ys, x0, x1, y0, y1, FAST)
     return c0, c1, c2
 
 
@@ -301,8 +334,8 @@ def _forward_kernel(
 ):
     b, img, plane, mask, xs, ys, x0, x1, y0, y1 = _tile(H, W, inv_h, BH, BW)
     c0, c1, c2 = _load_rgb(BASE, img, plane, mask)
-    S += b * N * 10
-    PREPARED += b * N * 16
+    S += b * N * STROKE
+    PREPARED += b * N * PREP
     if LOSS_KIND == 2 and HAS_TARGET:
         # The seed's objective: the error of every prefix canvas C_1..C_N.
         # A culled stroke leaves the tile's error unchanged, so it costs a
@@ -311,7 +344,7 @@ def _forward_kernel(
         err = tl.sum(tl.abs(c0 - t0) + tl.abs(c1 - t1) + tl.abs(c2 - t2))
         total = err * 0.0
         for j in range(N):
-            c0, c1, c2, hit = _blend(PREPARED + j * 16, S + j * 10, c0, c1, c2, xs, ys, x0, x1, y0, y1, FAST)
+            c0, c1, c2, hit = _blend(PREPARED + j * PREP, S + j * STROKE, c0, c1, c2, xs, ys, x0, x1, y0, y1, FAST)
             if hit:
                 err = tl.sum(tl.where(mask, tl.abs(c0 - t0) + tl.abs(c1 - t1) + tl.abs(c2 - t2), 0.0))
             total += err
@@ -334,6 +367,15 @@ def _forward_kernel(
 @triton.jit
 def _sign(d):
     return tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
+
+
+@triton.jit
+def _flush_prefix(l0, l1, l2, pending, c0, c1, c2, t0, t1, t2, mask, scale):
+    """The adjoint with the ``pending`` prefix-loss terms folded in: each is sign(C - T) of the current canvas."""
+    l0 += tl.where(mask, pending * _sign(c0 - t0) * scale, 0.0)
+    l1 += tl.where(mask, pending * _sign(c1 - t1) * scale, 0.0)
+    l2 += tl.where(mask, pending * _sign(c2 - t2) * scale, 0.0)
+    return l0, l1, l2
 
 
 @triton.jit
@@ -370,23 +412,22 @@ def _backward_kernel(
     # Bound on how much un-blending since the last exact canvas can have
     # amplified rounding error: the product of 1 / (1 - max a) over the tile.
     amp = scale * 0.0 + 1.0
-    S += b * N * 10
-    PREPARED += b * N * 16
-    G = GRAD_S + b * N * 10
+    S += b * N * STROKE
+    PREPARED += b * N * PREP
+    G = GRAD_S + b * N * STROKE
     for i in range(N):
         k = N - 1 - i
-        P = PREPARED + k * 16
+        P = PREPARED + k * PREP
         hit, q_min = _reach(P, x0, x1, y0, y1)
         if hit:
             if LOSS_KIND == 2:
-                l0 += tl.where(mask, pending * _sign(c0 - t0) * scale, 0.0)
-                l1 += tl.where(mask, pending * _sign(c1 - t1) * scale, 0.0)
-                l2 += tl.where(mask, pending * _sign(c2 - t2) * scale, 0.0)
+                # The canvas is about to change: its pending terms are due now.
+                l0, l1, l2 = _flush_prefix(l0, l1, l2, pending, c0, c1, c2, t0, t1, t2, mask, scale)
                 pending = pending * 0.0
-            cr = tl.load(S + k * 10 + 6)
-            cg = tl.load(S + k * 10 + 7)
-            cb = tl.load(S + k * 10 + 8)
-            alpha = tl.load(P + 13)
+            cr = tl.load(S + k * STROKE + F_RED)
+            cg = tl.load(S + k * STROKE + F_GREEN)
+            cb = tl.load(S + k * STROKE + F_BLUE)
+            alpha = tl.load(P + P_ALPHA)
             e, u, v, inv_r, rho, phi = _footprint(xs, ys, P, FAST)
             a = alpha * e
             keep = 1.0 - a
@@ -411,8 +452,8 @@ def _backward_kernel(
             w = -g_a * a
             w_rho = w * rho
             w_phi = w * phi
-            kr = tl.load(P + 8)
-            kt = tl.load(P + 9)
+            kr = tl.load(P + P_KR)
+            kt = tl.load(P + P_KT)
             cos_phi = u * inv_r
             sin_phi = v * inv_r
             radial = w_rho * kr
@@ -421,25 +462,26 @@ def _backward_kernel(
             g_v = radial * sin_phi + tangential * cos_phi
             sum_u = tl.sum(g_u)
             sum_v = tl.sum(g_v)
-            cs = tl.load(P + 5)
-            sn = tl.load(P + 6)
-            mu = tl.load(P + 7)
-            srm = tl.load(P + 14)
+            cs = tl.load(P + P_COS)
+            sn = tl.load(P + P_SIN)
+            mu = tl.load(P + P_MU)
+            srm = tl.load(P + P_SRM)
             g_dx = cs * sum_u + sn * sum_v
             g_dy = cs * sum_v - sn * sum_u
             g_srm = -tl.sum(w_rho * rho) * kr / srm
-            gk = G + k * 10
-            tl.atomic_add(gk + 0, -g_dx, sem="relaxed")
-            tl.atomic_add(gk + 1, -g_dy, sem="relaxed")
-            tl.atomic_add(gk + 2, kt * tl.sum(w_phi) - mu * (sn * g_dx + cs * g_dy), sem="relaxed")
-            tl.atomic_add(gk + 3, g_srm * tl.load(S + k * 10 + 4) - kr * tl.sum(w_rho) + cs * g_dx - sn * g_dy,
+            gk = G + k * STROKE
+            tl.atomic_add(gk + F_CX, -g_dx, sem="relaxed")
+            tl.atomic_add(gk + F_CY, -g_dy, sem="relaxed")
+            tl.atomic_add(gk + F_ROT, kt * tl.sum(w_phi) - mu * (sn * g_dx + cs * g_dy), sem="relaxed")
+            tl.atomic_add(gk + F_MU_R, g_srm * tl.load(S + k * STROKE + F_SIGMA_R) - kr * tl.sum(w_rho) + cs * g_dx
+                          - sn * g_dy, sem="relaxed")
+            tl.atomic_add(gk + F_SIGMA_R, g_srm * mu, sem="relaxed")
+            tl.atomic_add(gk + F_SIGMA_T, -tl.sum(w_phi * phi) * kt / tl.load(S + k * STROKE + F_SIGMA_T),
                           sem="relaxed")
-            tl.atomic_add(gk + 4, g_srm * mu, sem="relaxed")
-            tl.atomic_add(gk + 5, -tl.sum(w_phi * phi) * kt / tl.load(S + k * 10 + 5), sem="relaxed")
-            tl.atomic_add(gk + 6, tl.sum(a * l0), sem="relaxed")
-            tl.atomic_add(gk + 7, tl.sum(a * l1), sem="relaxed")
-            tl.atomic_add(gk + 8, tl.sum(a * l2), sem="relaxed")
-            tl.atomic_add(gk + 9, -tl.sum(w) / alpha, sem="relaxed")
+            tl.atomic_add(gk + F_RED, tl.sum(a * l0), sem="relaxed")
+            tl.atomic_add(gk + F_GREEN, tl.sum(a * l1), sem="relaxed")
+            tl.atomic_add(gk + F_BLUE, tl.sum(a * l2), sem="relaxed")
+            tl.atomic_add(gk + F_ALPHA, -tl.sum(w) / alpha, sem="relaxed")
             l0 *= keep
             l1 *= keep
             l2 *= keep
@@ -453,24 +495,13 @@ def _backward_kernel(
                 pending += 1.0
     if BASE_GRAD:
         if LOSS_KIND == 2:
-            l0 += tl.where(mask, pending * _sign(c0 - t0) * scale, 0.0)
-            l1 += tl.where(mask, pending * _sign(c1 - t1) * scale, 0.0)
-            l2 += tl.where(mask, pending * _sign(c2 - t2) * scale, 0.0)
+            l0, l1, l2 = _flush_prefix(l0, l1, l2, pending, c0, c1, c2, t0, t1, t2, mask, scale)
         _store_rgb(GRAD_BASE, img, plane, mask, l0, l1, l2)
 
 
-@triton.jit
-def _tile_hits_kernel(PREPARED, HITS, N, H, W, inv_h, BH: tl.constexpr, BW: tl.constexpr):
-    b, img, plane, mask, xs, ys, x0, x1, y0, y1 = _tile(H, W, inv_h, BH, BW)
-    tiles = tl.num_programs(0)
-    for j in range(N):
-        hit, q_min = _reach(PREPARED + (b * N + j) * 16, x0, x1, y0, y1)
-        tl.store(HITS + (b * N + j) * tiles + tl.program_id(0), hit.to(tl.int8))
-
-
 def _check(strokes: torch.Tensor, base: torch.Tensor, target: torch.Tensor | None) -> None:
-    if strokes.dim() != 3 or strokes.shape[-1] != 10:
-        raise ValueError(f"strokes must be [B, N, 10], got {list(strokes.shape)}")
+    if strokes.dim() != 3 or strokes.shape[-1] != STROKE.value:
+        raise ValueError(f"strokes must be [B, N, {STROKE.value}], got {list(strokes.shape)}")
     if base.dim() != 4 or base.shape[1] != 3 or base.shape[0] != strokes.shape[0]:
         raise ValueError(f"base must be [B, 3, H, W] with B = {strokes.shape[0]}, got {list(base.shape)}")
     if target is not None and target.shape != base.shape:
@@ -483,7 +514,7 @@ def _check(strokes: torch.Tensor, base: torch.Tensor, target: torch.Tensor | Non
 def prepare(strokes: torch.Tensor) -> torch.Tensor:
     """The per-stroke quantities every tile needs, computed once: ``[B, N, PREP]`` (see _prepare_kernel)."""
     strokes = strokes.contiguous()
-    prepared = torch.empty(*strokes.shape[:2], PREP, device=strokes.device, dtype=torch.float32)
+    prepared = torch.empty(*strokes.shape[:2], PREP.value, device=strokes.device, dtype=torch.float32)
     total = strokes.shape[0] * strokes.shape[1]
     if total:
         block = 256
@@ -516,6 +547,18 @@ def pick_tile(b: int, h: int, w: int, device: torch.device) -> tuple[tuple[int, 
     raise AssertionError("the last tile of TILES needs no programs")
 
 
+def _launch(strokes, base, tile, num_warps, prepared) -> tuple[torch.Tensor, tuple[int, int], dict]:
+    """Prepared strokes, grid and tile options of a launch: the caller's, else ``prepare``'s and ``pick_tile``'s."""
+    bsz = strokes.shape[0]
+    h, w = base.shape[-2:]
+    if prepared is None:
+        prepared = prepare(strokes)
+    if tile is None:
+        tile, num_warps = pick_tile(bsz, h, w, base.device)
+    options = dict(BH=tile[0], BW=tile[1], FAST=_fast_math(), num_warps=num_warps or 4)
+    return prepared, _grid(bsz, h, w, tile), options
+
+
 def forward(
     strokes: torch.Tensor, base: torch.Tensor, target: torch.Tensor | None = None, loss: str = "l2",
     tile: tuple[int, int] | None = None, num_warps: int | None = None, prepared: torch.Tensor | None = None,
@@ -532,16 +575,10 @@ def forward(
     h, w = base.shape[-2:]
     canvas = torch.empty_like(base)
     value = torch.zeros(bsz, device=base.device, dtype=torch.float32)
-    if prepared is None:
-        prepared = prepare(strokes)
-    if tile is None:
-        tile, num_warps = pick_tile(bsz, h, w, base.device)
-    num_warps = num_warps or 4
-    _forward_kernel[_grid(bsz, h, w, tile)](
+    prepared, grid, options = _launch(strokes, base, tile, num_warps, prepared)
+    _forward_kernel[grid](
         strokes, prepared, base, target if target is not None else base, canvas, value,
-        n, h, w, 1.0 / h, 1.0 / (3 * h * w),
-        LOSS_KIND=LOSS_KINDS[loss], HAS_TARGET=target is not None, BH=tile[0], BW=tile[1], FAST=_fast_math(),
-        num_warps=num_warps,
+        n, h, w, 1.0 / h, 1.0 / (3 * h * w), LOSS_KIND=LOSS_KINDS[loss], HAS_TARGET=target is not None, **options,
     )
     return canvas, (value if target is not None else None)
 
@@ -561,65 +598,10 @@ def backward(
     if grad_strokes is None:
         grad_strokes = torch.zeros_like(strokes)
     grad_base = torch.empty_like(base) if base_grad else None
-    if prepared is None:
-        prepared = prepare(strokes)
-    if tile is None:
-        tile, num_warps = pick_tile(bsz, h, w, base.device)
-    num_warps = num_warps or 4
-    _backward_kernel[_grid(bsz, h, w, tile)](
+    prepared, grid, options = _launch(strokes, base, tile, num_warps, prepared)
+    _backward_kernel[grid](
         strokes, prepared, base, target, canvas, grad_loss.contiguous(), grad_strokes,
         grad_base if base_grad else base, n, h, w, 1.0 / h, 1.0 / (3 * h * w), UNBLEND_LIMIT,
-        LOSS_KIND=LOSS_KINDS[loss], BASE_GRAD=base_grad, BH=tile[0], BW=tile[1], FAST=_fast_math(),
-        num_warps=num_warps,
+        LOSS_KIND=LOSS_KINDS[loss], BASE_GRAD=base_grad, **options,
     )
     return grad_strokes, grad_base
-
-
-def tile_hits(strokes: torch.Tensor, height: int, width: int, tile: tuple[int, int]) -> torch.Tensor:
-    """Which tiles each stroke is painted on: bool ``[B, N, tiles]``, tiles in row-major order.
-
-    The culling decision itself, for tests of its soundness and for the
-    benchmark's account of the work culling saves.
-    """
-    bsz, n = strokes.shape[:2]
-    grid = _grid(bsz, height, width, tile)
-    hits = torch.zeros(bsz, n, grid[0], dtype=torch.int8, device=strokes.device)
-    _tile_hits_kernel[grid](prepare(strokes), hits, n, height, width, 1.0 / height, BH=tile[0], BW=tile[1])
-    return hits.bool()
-
-
-class RenderLoss(torch.autograd.Function):
-    """Autograd wrapper: ``(strokes, base, target) -> (canvas, loss[B])``.
-
-    The loss is differentiable w.r.t. strokes and base; the canvas is returned
-    for inspection only (marked non-differentiable: gradients flow through the
-    fused loss, never through a materialised canvas).
-    """
-
-    @staticmethod
-    def forward(ctx, strokes, base, target, loss):
-        strokes, base, target = strokes.contiguous(), base.contiguous(), target.contiguous()
-        prepared = prepare(strokes)
-        canvas, value = forward(strokes, base, target, loss, prepared=prepared)
-        ctx.save_for_backward(strokes, base, target, canvas, prepared)
-        ctx.loss = loss
-        ctx.mark_non_differentiable(canvas)
-        return canvas, value
-
-    @staticmethod
-    def backward(ctx, grad_canvas, grad_loss):
-        strokes, base, target, canvas, prepared = ctx.saved_tensors
-        base_grad = ctx.needs_input_grad[1]
-        grad_strokes, grad_base = backward(strokes, base, target, canvas, grad_loss, ctx.loss, base_grad,
-                                           prepared=prepared)
-        return grad_strokes, grad_base, None, None
-
-
-def render_loss(strokes: torch.Tensor, base: torch.Tensor, target: torch.Tensor, loss: str = "l2"):
-    """Differentiable fused render + loss. Returns ``(canvas, loss [B])``.
-
-    ``base`` may be anything that broadcasts to the target, e.g. ``[B, 3, 1, 1]`` colours.
-    """
-    base = base.expand(target.shape)
-    _check(strokes, base, target)
-    return RenderLoss.apply(strokes, base, target, loss)

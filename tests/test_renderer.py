@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from encoder import reference, triton_render
-from encoder.strokes import ALPHA, CX, CY, MU_R, SIGMA_R, SIGMA_T, bounds, random_strokes
+from encoder import reference, strokes, triton_debug, triton_render
+from encoder.strokes import ALPHA, CX, CY, MU_R, ROT, SIGMA_R, SIGMA_T, bounds, random_strokes
 
 LOSSES = ("l1", "l2", "prefix_l1")
 
@@ -114,7 +114,7 @@ def test_culling_is_conservative(kind):
     else:  # tight curves: small radius, long arcs
         s[..., MU_R] = 0.05 + 0.1 * torch.rand(3, 40, generator=gen)
         s[..., SIGMA_T] = 0.5 + 0.28 * torch.rand(3, 40, generator=gen)
-    hits = triton_render.tile_hits(s, h, w, tile)
+    hits = triton_debug.tile_hits(s, h, w, tile)
     peak = _tile_max_opacity(s, h, w, tile)
     assert hits.shape == peak.shape
     assert torch.all(hits | (peak < triton_render.CULL_OPACITY))
@@ -127,7 +127,7 @@ def test_culling_skips_the_inside_of_a_ring():
     s = torch.tensor([[[0.5 + 0.45, 0.5, 0.0, 0.45, 0.02, math.pi / 4, 1.0, 1.0, 1.0, 1.0]]])  # pole at (0.5, 0.5)
     h = w = 32
     tile = (8, 8)
-    hits = triton_render.tile_hits(s, h, w, tile)[0, 0].reshape(4, 4)
+    hits = triton_debug.tile_hits(s, h, w, tile)[0, 0].reshape(4, 4)
     assert not hits[1:3, 1:3].any()  # the four central tiles, within 0.34 of the pole
     assert hits[0].any() and hits[3].any()  # the ring itself
     assert torch.all(hits.flatten() | (_tile_max_opacity(s, h, w, tile)[0, 0] < triton_render.CULL_OPACITY))
@@ -135,19 +135,59 @@ def test_culling_skips_the_inside_of_a_ring():
     check(s, base, torch.rand(1, 3, h, w), "l2", tile=tile)
 
 
-def test_autograd_function_matches_reference():
+def test_backward_weights_each_image_by_grad_loss():
     gen = torch.Generator().manual_seed(3)
-    s = compact(random_strokes(2, 6, generator=gen)).requires_grad_(True)
-    bg = torch.rand(2, 3, generator=gen).requires_grad_(True)
+    s = compact(random_strokes(2, 6, generator=gen))
+    base = torch.rand(2, 3, 12, 12, generator=gen)
     tgt = torch.rand(2, 3, 12, 12, generator=gen)
-    _, value = triton_render.render_loss(s, bg[:, :, None, None], tgt, "l2")  # broadcast background
-    (value * torch.tensor([1.0, 2.0])).sum().backward()
-    s2 = s.detach().double().requires_grad_(True)
-    bg2 = bg.detach().double().requires_grad_(True)
-    _, ref = reference.render_loss(s2, bg2[:, :, None, None].expand(-1, -1, 12, 12), tgt.double(), "l2")
-    (ref * torch.tensor([1.0, 2.0], dtype=torch.float64)).sum().backward()
-    assert torch.allclose(s.grad.double(), s2.grad, rtol=1e-3, atol=1e-7)
-    assert torch.allclose(bg.grad.double(), bg2.grad, rtol=1e-3, atol=1e-7)
+    weights = torch.tensor([1.0, 2.0])
+    canvas, _ = triton_render.forward(s, base, tgt, "l2")
+    grad, grad_base = triton_render.backward(s, base, tgt, canvas, weights, "l2", base_grad=True)
+    s2 = s.double().requires_grad_(True)
+    base2 = base.double().requires_grad_(True)
+    _, ref = reference.render_loss(s2, base2, tgt.double(), "l2")
+    (ref * weights.double()).sum().backward()
+    assert torch.allclose(grad.double(), s2.grad, rtol=1e-3, atol=1e-7)
+    assert torch.allclose(grad_base.double(), base2.grad, rtol=1e-3, atol=1e-7)
+
+
+def test_kernel_names_the_fields_of_strokes_py():
+    """Each raw-stroke offset the kernels use is the field's place in strokes.FIELDS."""
+    assert triton_render.STROKE.value == strokes.NUM_FIELDS
+    for name in ("CX", "CY", "ROT", "MU_R", "SIGMA_R", "SIGMA_T", "RED", "GREEN", "BLUE", "ALPHA"):
+        assert getattr(triton_render, "F_" + name).value == getattr(strokes, name), name
+
+
+def test_prepared_layout_names_each_slot_once():
+    offsets = [v for k, v in vars(triton_render).items() if k.startswith("P_")]
+    assert len(offsets) == len(triton_render.PREPARED_FIELDS) == triton_render.PREP.value
+    assert sorted(o.value for o in offsets) == list(range(triton_render.PREP.value))
+
+
+def test_prepare_writes_each_field_where_it_is_read():
+    """The prepare kernel's output, read by name, against the formulas in PyTorch: a swapped offset fails."""
+    gen = torch.Generator().manual_seed(5)
+    s = random_strokes(2, 9, 1.5, generator=gen)
+    got = triton_render.prepare(s)
+    s = s.double()
+    cx, cy, rot, mu, alpha = s[..., CX], s[..., CY], s[..., ROT], s[..., MU_R], s[..., ALPHA]
+    srm, st = s[..., SIGMA_R] * mu, s[..., SIGMA_T]
+    kr, kt = 1 / srm**2, 1 / st**2
+    log_ratio = torch.log(alpha / triton_render.CULL_OPACITY)
+    k = torch.sqrt(2 * log_ratio)
+    outer = mu + srm * k
+    reach2 = outer**2 + mu**2 - 2 * outer * mu * torch.cos(torch.clamp(st * k, max=math.pi))
+    half_log2e = 0.5 / math.log(2)
+    want = dict(
+        cx=cx, cy=cy, reach2=(reach2.sqrt() * 1.001 + 1e-6) ** 2, px=cx - torch.cos(rot) * mu,
+        py=cy + torch.sin(rot) * mu, cos=torch.cos(rot), sin=torch.sin(rot), mu=mu, kr=kr, kt=kt,
+        kr_exp2=-half_log2e * kr, kt_exp2=-half_log2e * kt, log_ratio=log_ratio, alpha=alpha, srm=srm,
+        pad=torch.zeros_like(cx),
+    )
+    assert set(want) == set(triton_render.PREPARED_FIELDS)
+    for name, value in want.items():
+        slot = getattr(triton_render, "P_" + name.upper())
+        assert torch.allclose(got[..., slot.value].double(), value, rtol=1e-5, atol=1e-6), name
 
 
 def test_reference_gradcheck_float64():
