@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 import encoder
 
+from . import storage
 from .config import PipelineConfig, load_pipeline_config
 from .shards import Shard, clean_temp, expected_samples, make_shards, plan
 from .worker import ShardEncoder
@@ -112,6 +113,9 @@ class RayBackend:
             # site-packages), wherever the driver was started.
             pythonpath = os.pathsep.join(p for p in (str(CODE_ROOT), os.environ.get("PYTHONPATH")) if p)
             context = ray.init(
+                # "local": a fresh Ray even when a `ray start` cluster on this machine left its
+                # address in ray_current_cluster (joining one takes --address).
+                address="local",
                 num_cpus=cfg.num_cpus,
                 object_store_memory=cfg.object_store_memory,
                 include_dashboard=cfg.include_dashboard,
@@ -293,13 +297,13 @@ def run(options: RunOptions) -> int:
     started = time.time()
     fit_config = encoder.load_config(options.config, **options.encoder_overrides)
     cfg = load_pipeline_config(options.config, **options.pipeline_overrides)
-    out = str(Path(options.output).resolve())
-    Path(out).mkdir(parents=True, exist_ok=True)
+    out = storage.absolute(options.output)  # a local folder or an object store URI (s3://bucket/prefix)
+    storage.location(out).mkdir(parents=True, exist_ok=True)
     shards = make_shards(options.shards)
     if not shards:
         raise ValueError(f"no shards matched {options.shards}")
     local = [s.url[len("file:"):] if s.url.startswith("file:") else s.url for s in shards]
-    inputs = {str(Path(u).resolve().parent) for u in local if "://" not in u and not u.startswith("pipe:")}
+    inputs = {storage.folder_of(u) for u in local} - {None}
     if out in inputs:
         # img2dataset keeps its own {id}.parquet (url metadata) beside each {id}.tar.
         raise ValueError(f"--output {out} holds input shards: its {{id}}.parquet files would be overwritten")
@@ -385,7 +389,7 @@ def run(options: RunOptions) -> int:
 
     summary = _summary(out, shards, skipped, results, failed, attempts, replaced, started, fit_config, cfg,
                        device, backend.slots, backend.dashboard_url, interrupted)  # fmt: skip
-    write_json_atomic(Path(out) / SUMMARY_NAME, summary)
+    write_json_atomic(storage.location(out) / SUMMARY_NAME, summary)
     _print_summary(summary)
     if interrupted:
         return 130
@@ -446,5 +450,5 @@ def _print_summary(s: dict) -> None:
     ]
     for sid, info in s["failed_shards"].items():
         lines.append(f"  FAILED {sid}: {info['error']}")
-    lines.append(f"  summary file    {Path(s['output']) / SUMMARY_NAME}")
+    lines.append(f"  summary file    {storage.location(s['output']) / SUMMARY_NAME}")
     print("\n".join(lines), flush=True)
