@@ -124,7 +124,9 @@ class WorkerPool:
             if slot.probe is not None and now - slot.started > self.start_timeout:
                 self.log(f"{slot.worker_id} did not start within {self.start_timeout:.0f} s: its slot waits for room")
                 self._drop(i)
-        if now >= self._next_check:
+        # With no actor at all (the cluster's resources not reported yet, every node gone), look
+        # at every refresh rather than a whole interval later: the run has nothing else to do.
+        if now >= self._next_check or all(s.actor is None for s in self.slots):
             self._next_check = now + self.check_interval
             self._fill()
         ready = sum(s.ready for s in self.slots)

@@ -186,6 +186,12 @@ class RemotePath:
     def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
         if self.store.has_folders:
             self.store.fs.create_dir(self.path, recursive=parents)
+            return
+        # A prefix needs no creating, but its bucket must exist: say so now, once, rather
+        # than through every shard's failed upload.
+        bucket = self.path.split("/", 1)[0]
+        if self.store.fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"bucket {self.store.to_uri(bucket)} does not exist (or is not visible)")
 
     def unlink(self, missing_ok: bool = False) -> None:
         try:

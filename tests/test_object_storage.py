@@ -109,6 +109,10 @@ def test_writer_commits_whole_objects_and_resume_lists_once(s3):
     assert len(done) == 300 and [s.id for s in todo][:2] == ["00300", "00301"]
     assert len(requests.lines) - before <= 2, requests.lines[before:]  # one ListObjectsV2 page (+ a retry at most)
 
+    storage.location(f"s3://{BUCKET}/a/new/prefix").mkdir(parents=True, exist_ok=True)  # nothing to create
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        storage.location("s3://no-such-bucket-here/out").mkdir(parents=True, exist_ok=True)
+
     write_json_atomic(f"s3://{BUCKET}/unit/summary.json", {"a": 1})
     assert json.loads(client.get_object(Bucket=BUCKET, Key="unit/summary.json")["Body"].read()) == {"a": 1}
 
@@ -201,3 +205,21 @@ def test_subprocesses_import_this_checkout():
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and Path(proc.stdout.strip()).is_relative_to(REPO), proc.stdout + proc.stderr
+
+
+def test_any_fsspec_filesystem_and_local_uris_take_the_same_paths(s3, tmp_path):
+    """memory:// (fsspec, in this process) stands for the schemes pyarrow does not serve itself."""
+    pytest.importorskip("fsspec")
+    out = "memory://painterbot-test/out"
+    writer = ShardWriter(out, "00007", n_strokes=12)
+    writer.add([{"key": "k", "status": "too_small", "error_message": "3x3"}])
+    writer.commit({"total": 1})
+    names = sorted(p.name for p in storage.location(out).iterdir())
+    assert names == ["00007.parquet", "00007_stats.json"]
+    todo, done = S.plan(S.make_shards([f"{out}/0000{{6..7}}.tar"]), out)
+    assert [s.id for s in todo] == ["00006"] and [s.id for s in done] == ["00007"]
+    assert read_row(f"{out}/00007.parquet", "k")["status"] == "too_small"
+    # file:// URIs and plain paths are local: pathlib and os, as before.
+    assert storage.location(f"file://{tmp_path}") == tmp_path and not storage.is_fs_uri(str(tmp_path))
+    assert storage.folder_of("http://host/00001.tar") is None and storage.folder_of("pipe:cat x.tar") is None
+    assert storage.folder_of(f"s3://{BUCKET}/in/00001.tar") == f"s3://{BUCKET}/in"
