@@ -452,7 +452,7 @@ def run(options: RunOptions) -> int:
                        device, backend.slots, backend.dashboard_url, interrupted)  # fmt: skip
     # What went round again and why (a worker or its node died, a task raised), and where workers ran.
     summary["retried_shards"] = {sid: {"attempts": attempts[sid], "errors": why, "done": sid not in failed}
-                                 for sid, why in retried.items()}  # fmt: skip
+                                 for sid, why in retried.items() if attempts[sid] > 1}  # fmt: skip
     summary.update(backend.report())
     write_json_atomic(storage.location(out) / SUMMARY_NAME, summary)
     _print_summary(summary)

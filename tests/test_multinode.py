@@ -68,8 +68,8 @@ def test_node_leaves_and_node_joins_mid_run_exactly_once(tmp_path, ray_env):
     try:
         node_b = cluster.add_node(num_cpus=1)
         args = [sys.executable, str(REPO / "run_encode.py"), "--shards", str(folder / "*.tar"), "--output", str(out),
-                "--config", str(config), "--gpus", "0", "--workers", "3", "--no-progress",
-                "--address", cluster.address]  # fmt: skip
+                "--config", str(config), "--workers", "3", "--no-progress",
+                "--address", cluster.address]  # no --gpus: 'auto' asks the cluster, which has none  # fmt: skip
         with open(log_path, "w") as log:
             driver = subprocess.Popen(args, cwd=REPO, env={**ray_env, "PYTHONUNBUFFERED": "1"}, stdout=log,
                                       stderr=subprocess.STDOUT)  # fmt: skip
