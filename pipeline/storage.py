@@ -88,9 +88,17 @@ def _s3_filesystem(netloc: str) -> pafs.FileSystem:
     return pafs.S3FileSystem(endpoint_override=parts.netloc, scheme=parts.scheme, **kwargs)
 
 
-@lru_cache(maxsize=None)
 def _store(scheme: str, netloc: str) -> _Store:
-    """The filesystem serving ``scheme://netloc``; one per process (S3 clients are costly to make)."""
+    """The filesystem serving ``scheme://netloc``; one per process (S3 clients are costly to make).
+
+    Keyed by pid too: a DataLoader worker forked from a process that already used a
+    store must not share its S3 client (connection pools and threads do not survive a fork).
+    """
+    return _make_store(scheme, netloc, os.getpid())
+
+
+@lru_cache(maxsize=None)
+def _make_store(scheme: str, netloc: str, pid: int) -> _Store:
     if scheme in ARROW_SCHEMES:
         fs = _s3_filesystem(netloc) if scheme == "s3" else pafs.FileSystem.from_uri(f"{scheme}://{netloc}")[0]
         prefix = f"{scheme}://"

@@ -56,7 +56,7 @@ def s3():
            "AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_EC2_METADATA_DISABLED": "true"}  # fmt: skip
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    storage._store.cache_clear()  # filesystems are cached per process: build them with this endpoint
+    storage._make_store.cache_clear()  # filesystems are cached per process: build them with this endpoint
     client = boto3.client("s3")
     client.create_bucket(Bucket=BUCKET)
     try:
@@ -69,7 +69,7 @@ def s3():
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        storage._store.cache_clear()
+        storage._make_store.cache_clear()
 
 
 def _keys(client, prefix: str) -> list[str]:
