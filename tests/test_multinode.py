@@ -56,7 +56,7 @@ def ray_env(monkeypatch):
 def test_node_leaves_and_node_joins_mid_run_exactly_once(tmp_path, ray_env):
     folder = tmp_path / "in"
     folder.mkdir()
-    tars = {f"{i:05d}": write_tar(folder / f"{i:05d}.tar", good_samples(3, prefix=f"s{i}k")) for i in range(20)}
+    tars = {f"{i:05d}": write_tar(folder / f"{i:05d}.tar", good_samples(3, prefix=f"s{i}k")) for i in range(30)}
     out = tmp_path / "out"
     config = tiny_config(tmp_path / "tiny.yaml", batch_size=2, max_retries=2, cluster_check_interval=0.5,
                          worker_start_timeout=120)  # fmt: skip
