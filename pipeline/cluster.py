@@ -10,9 +10,9 @@ free resources allow. An actor gets work only once it answered a first call
 (``placement``: its node, host and code), so no shard ever waits on an actor
 that Ray cannot place; an actor that does not answer within
 ``start_timeout`` is given up and its slot tried again later. When no worker
-at all has been up for ``start_timeout`` seconds the pool raises
-``NoWorkers``, so a run on a cluster that lost every node ends instead of
-waiting forever.
+at all has been up for ``start_timeout`` seconds, or every start fails, the
+pool raises ``NoWorkers``, so a run on a cluster that lost every node (or
+cannot import the code) ends instead of waiting forever.
 
 Slots are the driver's handles on workers; a slot whose actor died is refilled
 with a fresh actor (a new worker id) when there is room.
@@ -56,8 +56,8 @@ def cluster_gpus(address: str) -> int:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:500]
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}"[:500] if text else type(exc).__name__
 
 
 @dataclass
@@ -97,6 +97,7 @@ class WorkerPool:
         self.nodes: dict[str, dict] = {}  # node id -> {"host": ..., "workers": [ids that ran there]}
         self._next_check = 0.0
         self._none_since = time.monotonic()
+        self._failed_starts: list[str] = []  # why actors failed to start since one last came up
         self._fill()
 
     # -- what the driver asks ------------------------------------------------------------
@@ -116,10 +117,17 @@ class WorkerPool:
     def refresh(self) -> list[int]:
         """Slots whose actor came up since the last call; starts actors where there is room.
 
-        Raises NoWorkers when no actor has been up for ``start_timeout`` seconds.
+        Raises NoWorkers when no actor has been up for ``start_timeout`` seconds, or when
+        every actor started since the last one came up failed (at least 3, and at least
+        as many as wanted): a worker that cannot import its code will not heal by waiting.
         """
         now = time.monotonic()
         up = self._collect_probes()
+        failures = len(self._failed_starts)
+        if failures >= 3 and failures >= self.target() and not any(s.ready for s in self.slots):
+            # Every start fails (an import error, a broken node image): no use waiting it out.
+            raise NoWorkers(f"{len(self._failed_starts)} workers in a row failed to start, the last: "
+                            f"{self._failed_starts[-1]}")  # fmt: skip
         for i, slot in enumerate(self.slots):
             if slot.probe is not None and now - slot.started > self.start_timeout:
                 self.log(f"{slot.worker_id} did not start within {self.start_timeout:.0f} s: its slot waits for room")
@@ -168,10 +176,12 @@ class WorkerPool:
                 where = self.ray.get(ref, timeout=30)  # already answered: returns at once
             except Exception as exc:  # noqa: BLE001 - the actor failed to start (import error, node died, ...)
                 self.log(f"{slot.worker_id} failed to start: {_first_line(exc)}")
+                self._failed_starts.append(_first_line(exc))
                 self.lost += 1
                 self._drop(i)
                 continue
             slot.ready, slot.node, slot.host = True, where["node"], where["host"]
+            self._failed_starts.clear()
             entry = self.nodes.setdefault(where["node"], {"host": where["host"], "workers": [], "code": where["code"]})
             entry["workers"].append(slot.worker_id)
             self.log(f"{self.describe(i)} is up")
@@ -212,7 +222,8 @@ class WorkerPool:
         worker_id = f"worker-{self.created}"
         self.created += 1
         actor = self.actor_class.remote(*self.make_args(worker_id))
-        self.slots[i] = _Slot(actor=actor, worker_id=worker_id, probe=actor.placement.remote(), started=time.monotonic())
+        probe = actor.placement.remote()
+        self.slots[i] = _Slot(actor=actor, worker_id=worker_id, probe=probe, started=time.monotonic())
 
     def _drop(self, i: int) -> None:
         actor = self.slots[i].actor

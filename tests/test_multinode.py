@@ -202,3 +202,18 @@ def test_pool_grows_with_room_replaces_lost_workers_and_gives_up_in_bounded_time
     with pytest.raises(cluster.NoWorkers, match="no worker has been up"):
         pool.refresh()
     assert pool.report()["workers_lost"] == 3 and set(pool.report()["nodes"]) == {"node-0", "node-1", "node-2"}
+
+
+def test_pool_gives_up_at_once_when_every_worker_fails_to_start(monkeypatch):
+    from pipeline import cluster
+
+    fake = _FakeRay({"CPU": 8.0})
+    pool = cluster.WorkerPool(fake, _fake_actor_class(fake), lambda wid: (wid,), {"CPU": 1.0}, want=2,
+                              check_interval=0.01, start_timeout=300.0, log=lambda line: None)  # fmt: skip
+    with pytest.raises(cluster.NoWorkers, match="in a row failed to start, the last: ModuleNotFoundError"):
+        for _ in range(10):  # 2 actors at a time, each failing: gives up after 3, long before 300 s
+            for actor in fake.actors:
+                actor.probe.value, actor.probe.done = ModuleNotFoundError("No module named 'pipeline'"), True
+            pool.refresh()
+            time.sleep(0.02)
+    assert len(fake.actors) <= 4

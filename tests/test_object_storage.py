@@ -22,7 +22,8 @@ from pipeline import shards as S
 from pipeline import storage
 from pipeline.dataset import StrokeDataset, read_row
 from pipeline.writer import ShardWriter, write_json_atomic
-from pipeline_samples import REPO, bad_samples, descendants, good_samples, kill_pids, tar_samples, tiny_config, write_tar
+from pipeline_samples import (REPO, bad_samples, descendants, good_samples, kill_pids, tar_samples, tiny_config,
+                              write_tar)  # fmt: skip
 
 moto_server = pytest.importorskip("moto.server", reason="needs moto[server] (the dev extra)")
 boto3 = pytest.importorskip("boto3")
