@@ -24,8 +24,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     io = p.add_argument_group("input and output")
     io.add_argument("--shards", nargs="+", metavar="SPEC",
                     help="shard specs: paths, globs, folders, brace ranges ('{00000..00999}.tar'), "
-                         "http(s):// or pipe: urls (anything webdataset opens)")  # fmt: skip
-    io.add_argument("--output", "-o", help=f"output folder (default: {DEFAULT_OUTPUT}, or demo_out/strokes with --demo)")
+                         "http(s):// or pipe: urls, s3:// gs:// or other fsspec URIs")  # fmt: skip
+    io.add_argument("--output", "-o", help=f"output folder or s3:// gs:// URI (default: {DEFAULT_OUTPUT}, "
+                                           "or demo_out/strokes with --demo)")  # fmt: skip
     io.add_argument("--overwrite", action="store_true", help="redo shards that are already done")
     io.add_argument("--demo", action="store_true",
                     help="build a small demo set from images bundled with scikit-image and encode it")  # fmt: skip

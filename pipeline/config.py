@@ -51,6 +51,12 @@ class PipelineConfig:
     dashboard_port: int = 8265
     # Seconds between progress polls of the workers.
     progress_interval: float = 0.5
+    # Ray: seconds between looks at the cluster for nodes that joined (more GPUs: more workers)
+    # and for room to replace workers lost with a node.
+    cluster_check_interval: float = 10.0
+    # Ray: seconds a new worker may take to come up (import torch, CUDA, runtime env) before its
+    # slot is given up; also how long a run waits with no worker at all before failing its shards.
+    worker_start_timeout: float = 300.0
     # Sample error messages kept per shard in its stats file.
     max_error_messages: int = 50
 
@@ -69,8 +75,9 @@ class PipelineConfig:
             raise ValueError("pipeline.object_store_memory must be null or at least 78 MiB (Ray's minimum)")
         if not 0 < self.dashboard_port < 65536:
             raise ValueError(f"pipeline.dashboard_port must be a TCP port, got {self.dashboard_port}")
-        if not self.progress_interval > 0:
-            raise ValueError(f"pipeline.progress_interval must be > 0, got {self.progress_interval}")
+        for name in ("progress_interval", "cluster_check_interval", "worker_start_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"pipeline.{name} must be > 0, got {getattr(self, name)}")
 
 
 PIPELINE_KEYS = tuple(f.name for f in dataclasses.fields(PipelineConfig))

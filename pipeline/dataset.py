@@ -22,17 +22,25 @@ from torch.utils.data import Dataset
 
 import encoder
 
+from . import storage
+
 INDEX_COLUMNS = ["key", "caption", "url", "status", "psnr"]
 
 
 def parquet_files(source: str | Path | list) -> list[str]:
     """A folder (its ``*.parquet``), a glob, a file, or a list of those -> sorted file paths.
 
-    Hidden files are skipped: the writer's in-progress files are ``.{id}.parquet.*.tmp``.
+    Local paths or filesystem URIs (``s3://bucket/out``, see storage.py). Hidden
+    files are skipped: the writer's in-progress files are ``.{id}.parquet.*.tmp``.
     """
     if isinstance(source, (list, tuple)):
         return [f for s in source for f in parquet_files(s)]
     source = str(source)
+    if storage.is_fs_uri(source):
+        found = storage.expand(source, (".parquet",))  # one listing for a folder or pattern
+        if not found:
+            raise FileNotFoundError(f"no Parquet files at {source}")
+        return found
     if os.path.isdir(source):
         found = glob.glob(os.path.join(source, "*.parquet"))
     elif any(ch in source for ch in "*?["):
@@ -80,7 +88,7 @@ class StrokeDataset(Dataset):
         self._group_starts: list[np.ndarray] = []
         self._shapes: list[tuple[int, int]] = []
         for f, path in enumerate(self.files):
-            meta = pq.ParquetFile(path)
+            meta = pq.ParquetFile(storage.open_input_file(path))
             self._shapes.append(_stroke_shape(meta.schema_arrow))
             sizes = [meta.metadata.row_group(g).num_rows for g in range(meta.num_row_groups)]
             self._group_starts.append(np.cumsum([0] + sizes))
@@ -114,7 +122,8 @@ class StrokeDataset(Dataset):
         if hit is not None:
             self._cache.move_to_end((f, g))
             return hit
-        table = pq.ParquetFile(self.files[f]).read_row_group(g, columns=["strokes", "background"])
+        source = storage.open_input_file(self.files[f])
+        table = pq.ParquetFile(source).read_row_group(g, columns=["strokes", "background"])
         value = (fixed_rows(table["strokes"], self._shapes[f]), fixed_rows(table["background"], (3,)))
         self._cache[(f, g)] = value
         while len(self._cache) > max(1, self.cache_row_groups):
@@ -145,7 +154,8 @@ class StrokeDataset(Dataset):
 
 def read_row(path: str | Path, key: str) -> dict:
     """One row of an output file by key, whatever its status (strokes/background None for failures)."""
-    table = pq.read_table(path, filters=[("key", "=", key)])
+    where, filesystem = storage.arrow_target(path)
+    table = pq.read_table(where, filesystem=filesystem, filters=[("key", "=", key)])
     if len(table) == 0:
         raise KeyError(f"{key!r} not in {path}")
     row = {name: table[name][0].as_py() for name in ("key", "caption", "url", "width", "height", "status",

@@ -2,9 +2,12 @@
 
 Shards are handed out one at a time: a worker that finishes asks for the next,
 so one slow shard never idles the others. A shard whose task raised is queued
-again, and a worker process that died (``RayActorError``) is replaced and its
-shard queued again, each shard at most ``1 + max_retries`` times. A shard that
-still fails has no stats file, so the next run tries it again.
+again, and a worker process that died (``RayActorError``, also when its whole
+node died) is replaced and its shard queued again, each shard at most
+``1 + max_retries`` times. A shard that still fails has no stats file, so the
+next run tries it again. On a Ray cluster the pool of workers follows the
+cluster (cluster.py): nodes that join get workers, lost workers come back
+where there is room.
 """
 from __future__ import annotations
 
@@ -24,6 +27,8 @@ from tqdm import tqdm
 
 import encoder
 
+from . import storage
+from .cluster import NoWorkers, WorkerPool, cluster_gpus, with_placement
 from .config import PipelineConfig, load_pipeline_config
 from .shards import Shard, clean_temp, expected_samples, make_shards, plan
 from .worker import ShardEncoder
@@ -75,11 +80,26 @@ class LocalBackend:
         self.encoders = [make_encoder(0)]
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="encode")
         self.dashboard_url = None
+        self._started = False
+
+    def refresh(self) -> list[int]:
+        """Slots that became usable since the last call: the one slot, once."""
+        started, self._started = self._started, True
+        return [] if started else [0]
+
+    def ready(self, slot: int) -> bool:
+        return True
+
+    def report(self) -> dict:
+        return {}
 
     def submit(self, slot: int, shard: Shard, out: str, attempt: int, last: bool) -> Future:
         return self.pool.submit(self.encoders[slot].encode_shard, shard.url, shard.id, out, attempt, last)
 
     def wait(self, handles: list, timeout: float) -> list:
+        if not handles:
+            time.sleep(timeout)
+            return []
         done, _ = wait_futures(handles, timeout=timeout, return_when=FIRST_COMPLETED)
         return list(done)
 
@@ -100,7 +120,7 @@ class LocalBackend:
 
 
 class RayBackend:
-    """One Ray actor per slot: ``num_gpus=1`` each, or CPU-only actors."""
+    """One Ray actor per slot: ``num_gpus=1`` each, or CPU-only actors, in a pool that follows the cluster."""
 
     def __init__(self, options: RunOptions, cfg: PipelineConfig, encoder_config, device: str, slots: int | None):
         import ray
@@ -112,6 +132,9 @@ class RayBackend:
             # site-packages), wherever the driver was started.
             pythonpath = os.pathsep.join(p for p in (str(CODE_ROOT), os.environ.get("PYTHONPATH")) if p)
             context = ray.init(
+                # "local": a fresh Ray even when a `ray start` cluster on this machine left its
+                # address in ray_current_cluster (joining one takes --address).
+                address="local",
                 num_cpus=cfg.num_cpus,
                 object_store_memory=cfg.object_store_memory,
                 include_dashboard=cfg.include_dashboard,
@@ -121,53 +144,84 @@ class RayBackend:
                 logging_level="warning",
             )
         else:
-            # On a cluster the package must be installed on every node (docker/ image).
-            context = ray.init(address=options.address, logging_level="warning")
+            # On a cluster the package must be installed on every node (docker/ image). Already
+            # connected when resolve_device asked the cluster for its GPUs.
+            context = ray.init(address=options.address, logging_level="warning", ignore_reinit_error=True)
         self.dashboard_url = getattr(context, "dashboard_url", None) or None
         resources = ray.cluster_resources()
         cpus, gpus_available = int(resources.get("CPU", 0)), int(resources.get("GPU", 0))
         use_gpu = device.startswith("cuda")
         if use_gpu:
-            want = gpus_available if slots is None else slots
-            if want < 1:
+            count = gpus_available if slots is None else slots
+            if count < 1:
                 raise RuntimeError("no GPU in the Ray cluster; use --gpus 0 for CPU workers")
-            if want > gpus_available:
-                raise RuntimeError(f"--gpus {want} asked, the Ray cluster has {gpus_available} GPU(s)")
-            self.slots = want
+            if count > gpus_available:
+                raise RuntimeError(f"--gpus {count} asked, the Ray cluster has {gpus_available} GPU(s)")
             # Never ask for more CPUs than there are: a GPU actor left pending would idle its GPU.
-            cpus_each = min(float(cfg.cpus_per_worker), cpus / want) if cpus else 0
+            cpus_each = min(float(cfg.cpus_per_worker), cpus / count) if cpus else 0
+            # Default: every GPU of the cluster, as it is at each check (nodes join and leave).
+            want = (lambda: int(ray.cluster_resources().get("GPU", 0))) if slots is None else count
+            self.slots = count  # workers at the start (the log line; the summary keeps the peak)
         else:
-            want = slots or cfg.workers
+            count = slots or cfg.workers
             fit = max(1, cpus // max(1, cfg.cpus_per_worker))
-            if want > fit:
-                _log(f"{want} CPU workers asked, {cpus} CPUs available: using {fit}")
-            self.slots = min(want, fit)
+            if count > fit:
+                _log(f"{count} CPU workers asked, {cpus} CPUs in the cluster: {fit} start now, more if nodes join")
             cpus_each = cfg.cpus_per_worker
+            want = count
+            self.slots = min(count, fit)
         crash_once = os.environ.get(CRASH_ONCE_ENV) or None
         # max_concurrency=2: encode_shard runs on one thread while progress() answers on another.
-        actor_class = ray.remote(ShardEncoder).options(
+        actor_class = ray.remote(with_placement(ShardEncoder)).options(
             num_gpus=1 if use_gpu else 0, num_cpus=cpus_each, max_concurrency=2, max_restarts=0
         )
-        self.make = lambda slot: actor_class.remote(
-            asdict(encoder_config), asdict(cfg), "cuda" if use_gpu else "cpu", f"worker-{slot}", True, crash_once
-        )
-        self.actors = [self.make(slot) for slot in range(self.slots)]
+        worker_device = "cuda" if use_gpu else "cpu"
+        self.pool = WorkerPool(
+            ray, actor_class,
+            lambda worker_id: (asdict(encoder_config), asdict(cfg), worker_device, worker_id, True, crash_once),
+            {"GPU": 1 if use_gpu else 0, "CPU": cpus_each}, want, cfg.cluster_check_interval,
+            cfg.worker_start_timeout, _log,
+        )  # fmt: skip
         self._progress_refs: dict[int, object] = {}
+        self._task_slots: dict = {}  # task ref -> slot, to name the worker when it dies
+
+    def refresh(self) -> list[int]:
+        """Slots whose worker came up since the last call (new nodes, replacements); raises NoWorkers."""
+        up = self.pool.refresh()
+        self.slots = max(self.slots, self.pool.peak)
+        return up
+
+    def ready(self, slot: int) -> bool:
+        return self.pool.ready(slot)
+
+    def report(self) -> dict:
+        return {"cluster": self.pool.report()}
 
     def submit(self, slot: int, shard: Shard, out: str, attempt: int, last: bool):
-        return self.actors[slot].encode_shard.remote(shard.url, shard.id, out, attempt, last)
+        ref = self.pool.actor(slot).encode_shard.remote(shard.url, shard.id, out, attempt, last)
+        self._task_slots[ref] = slot
+        return ref
 
     def wait(self, handles: list, timeout: float) -> list:
+        if not handles:
+            time.sleep(timeout)  # every worker is starting or waiting for room: refresh() decides
+            return []
         ready, _ = self.ray.wait(handles, num_returns=1, timeout=timeout)
         return ready
 
     def result(self, handle) -> dict:
         from ray.exceptions import RayActorError, RayTaskError
 
+        slot = self._task_slots.pop(handle, None)
         try:
-            return self.ray.get(handle)
+            return self.ray.get(handle, timeout=60)  # ready already (wait said so)
         except RayActorError as exc:
-            raise WorkerDied(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__) from exc
+            # Ray's message: a generic first line, tab-indented actor details, then the cause
+            # ("...because its node has died", "...killed by OOM"): keep the first and the cause.
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and not ln.startswith("\t")]
+            why = " ".join(lines[:2])[:500] or type(exc).__name__
+            who = self.pool.describe(slot) if slot is not None else "worker"
+            raise WorkerDied(f"{who}: {why}") from exc
         except RayTaskError as exc:
             cause = exc.as_instanceof_cause() if hasattr(exc, "as_instanceof_cause") else exc
             raise ShardFailed(_short(cause)) from exc
@@ -178,7 +232,7 @@ class RayBackend:
         """Non-blocking: fire one progress() per busy actor, collect the answers already in."""
         for slot in busy:
             if slot not in self._progress_refs:
-                self._progress_refs[slot] = self.actors[slot].progress.remote()
+                self._progress_refs[slot] = self.pool.actor(slot).progress.remote()
         refs = list(self._progress_refs.values())
         ready, _ = self.ray.wait(refs, num_returns=len(refs), timeout=0) if refs else ([], [])
         answers: dict[int, dict] = {}
@@ -186,22 +240,20 @@ class RayBackend:
             if ref in ready:
                 del self._progress_refs[slot]
                 try:
-                    answers[slot] = self.ray.get(ref)
+                    answers[slot] = self.ray.get(ref, timeout=10)
                 except Exception:  # noqa: BLE001 - a dying actor; its task reports the death
                     pass
         return answers
 
     def replace(self, slot: int) -> None:
-        try:
-            self.ray.kill(self.actors[slot], no_restart=True)
-        except Exception:  # noqa: BLE001 - already gone
-            pass
+        """The slot's worker died: a fresh one takes the slot when the cluster has room (refresh)."""
         self._progress_refs.pop(slot, None)
-        self.actors[slot] = self.make(slot)
+        self.pool.lost_worker(slot)
 
     def shutdown(self) -> None:
-        if self.started_here:
-            self.ray.shutdown()
+        self.pool.shutdown()
+        # Attached to a cluster, this only disconnects; the cluster and its other jobs go on.
+        self.ray.shutdown()
 
 
 def _short(exc: BaseException) -> str:
@@ -264,10 +316,12 @@ class Progress:
 
 
 # -- the run -----------------------------------------------------------------------------
-def resolve_device(requested: str | None, gpus: int | None) -> tuple[str, int | None]:
+def resolve_device(requested: str | None, gpus: int | None, address: str | None = None) -> tuple[str, int | None]:
     """(worker device 'cpu' | 'cuda', number of GPU workers or None for all).
 
     ``--gpus 0`` means CPU workers; ``--device cuda`` with ``--gpus 0`` is a contradiction.
+    With ``address`` (a Ray cluster), 'auto' counts the cluster's GPUs: a head node
+    without a GPU still drives GPU workers on the others.
     """
     requested = (requested or "auto").lower()
     if requested == "cpu":
@@ -283,7 +337,7 @@ def resolve_device(requested: str | None, gpus: int | None) -> tuple[str, int | 
     # auto: GPUs if there are any here; a cluster's GPUs are counted once attached.
     import torch
 
-    if gpus is None and not torch.cuda.is_available():
+    if gpus is None and not torch.cuda.is_available() and not (address and cluster_gpus(address)):
         return "cpu", 0
     return "cuda", gpus
 
@@ -293,13 +347,13 @@ def run(options: RunOptions) -> int:
     started = time.time()
     fit_config = encoder.load_config(options.config, **options.encoder_overrides)
     cfg = load_pipeline_config(options.config, **options.pipeline_overrides)
-    out = str(Path(options.output).resolve())
-    Path(out).mkdir(parents=True, exist_ok=True)
+    out = storage.absolute(options.output)  # a local folder or an object store URI (s3://bucket/prefix)
+    storage.location(out).mkdir(parents=True, exist_ok=True)
     shards = make_shards(options.shards)
     if not shards:
         raise ValueError(f"no shards matched {options.shards}")
     local = [s.url[len("file:"):] if s.url.startswith("file:") else s.url for s in shards]
-    inputs = {str(Path(u).resolve().parent) for u in local if "://" not in u and not u.startswith("pipe:")}
+    inputs = {storage.folder_of(u) for u in local} - {None}
     if out in inputs:
         # img2dataset keeps its own {id}.parquet (url metadata) beside each {id}.tar.
         raise ValueError(f"--output {out} holds input shards: its {{id}}.parquet files would be overwritten")
@@ -310,7 +364,8 @@ def run(options: RunOptions) -> int:
         _log("nothing to do")
         return 0
 
-    device, gpus = resolve_device(options.device or fit_config.device, options.gpus)
+    device, gpus = resolve_device(options.device or fit_config.device, options.gpus,
+                                  options.address if options.use_ray else None)  # fmt: skip
     if device == "cpu" and fit_config.strokes * fit_config.size**2 > 200 * 128**2:
         _log(f"no GPU in use: {fit_config.strokes} strokes at {fit_config.size} px will be slow on CPU "
              "(--config cpu_small is the CPU preset)")  # fmt: skip
@@ -332,12 +387,14 @@ def run(options: RunOptions) -> int:
     failed: dict[str, dict] = {}
     results: list[dict] = []
     inflight: dict = {}  # handle -> (slot, shard)
-    idle = list(range(backend.slots))
+    idle: list[int] = []  # slots whose worker is up and free; refresh() adds the ones that come up
+    retried: dict[str, list[str]] = {}  # shard id -> why each failed attempt failed
     replaced = 0
     progress = Progress(todo, options.progress)
     interrupted = False
 
     def retry_or_fail(shard: Shard, why: str) -> None:
+        retried.setdefault(shard.id, []).append(f"attempt {attempts[shard.id]}: {why}")
         if attempts[shard.id] <= cfg.max_retries:
             _log(f"shard {shard.id}: attempt {attempts[shard.id]} failed ({why}); retrying")
             queue.append(shard)
@@ -347,6 +404,13 @@ def run(options: RunOptions) -> int:
 
     try:
         while queue or inflight:
+            try:
+                idle += backend.refresh()  # workers that came up: first ones, joined nodes, replacements
+            except NoWorkers as exc:  # inflight is empty: only live workers run shards
+                _log(f"giving up: {exc}")
+                for shard in queue:
+                    failed[shard.id] = {"url": shard.url, "attempts": attempts[shard.id], "error": str(exc)}
+                break
             while idle and queue:
                 slot, shard = idle.pop(0), queue.popleft()
                 attempts[shard.id] += 1
@@ -371,7 +435,8 @@ def run(options: RunOptions) -> int:
                     note = f"; {len(stats['errors'])} stream error(s)" if stats.get("errors") else ""
                     _log(f"shard {shard.id}: {stats['total']} rows ({stats['ok']} ok, {stats['failed']} failed), "
                          f"{stats['seconds']:.1f} s, psnr {psnr}{note}")  # fmt: skip
-                idle.append(slot)
+                if backend.ready(slot):  # a dead worker's slot comes back through refresh()
+                    idle.append(slot)
             current = {slot: shard.id for slot, shard in inflight.values()}
             # An answer about a shard the slot no longer holds (it just finished) would count twice.
             live = backend.progress(list(current))
@@ -385,7 +450,11 @@ def run(options: RunOptions) -> int:
 
     summary = _summary(out, shards, skipped, results, failed, attempts, replaced, started, fit_config, cfg,
                        device, backend.slots, backend.dashboard_url, interrupted)  # fmt: skip
-    write_json_atomic(Path(out) / SUMMARY_NAME, summary)
+    # What went round again and why (a worker or its node died, a task raised), and where workers ran.
+    summary["retried_shards"] = {sid: {"attempts": attempts[sid], "errors": why, "done": sid not in failed}
+                                 for sid, why in retried.items() if attempts[sid] > 1}  # fmt: skip
+    summary.update(backend.report())
+    write_json_atomic(storage.location(out) / SUMMARY_NAME, summary)
     _print_summary(summary)
     if interrupted:
         return 130
@@ -446,5 +515,8 @@ def _print_summary(s: dict) -> None:
     ]
     for sid, info in s["failed_shards"].items():
         lines.append(f"  FAILED {sid}: {info['error']}")
-    lines.append(f"  summary file    {Path(s['output']) / SUMMARY_NAME}")
+    for sid, info in list(s.get("retried_shards", {}).items())[:10]:
+        if info["done"]:
+            lines.append(f"  retried {sid}: {info['errors'][-1]}")
+    lines.append(f"  summary file    {storage.location(s['output']) / SUMMARY_NAME}")
     print("\n".join(lines), flush=True)

@@ -23,6 +23,8 @@ from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from encoder import center_crop_resize, pil_to_tensor
 
+from . import storage
+
 # First match wins when a sample carries several images.
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 
@@ -175,7 +177,9 @@ class ShardReader:
     # -- raw samples -----------------------------------------------------------------
     def samples(self) -> Iterator[dict]:
         """Group tar members by key: ``{'__key__': key, ext: bytes, ...}``, in tar order."""
-        raw = gopen(self.url, "rb")
+        # Object stores through pyarrow/fsspec (credentials and endpoint from the environment);
+        # gopen would shell out to a CLI (aws, gsutil) that may not be installed.
+        raw = storage.open_input_stream(self.url) if storage.is_fs_uri(self.url) else gopen(self.url, "rb")
         stream = _TailStream(raw)
         current: dict | None = None
         member_errors: list[Exception] = []
@@ -249,7 +253,8 @@ class ShardReader:
 
 def is_remote(url: str) -> bool:
     """Sources where a read error may be transient (network, a command)."""
-    return url.startswith(("http://", "https://", "pipe:", "s3://", "gs://", "ais://", "sftp://", "scp://", "ftps://"))
+    remote = ("http://", "https://", "pipe:", "s3://", "gs://", "ais://", "sftp://", "scp://", "ftps://")
+    return url.startswith(remote) or storage.is_fs_uri(url)
 
 
 __all__ = ["Record", "SampleError", "ShardReadError", "ShardReader", "decode_image", "is_remote"]

@@ -1,8 +1,10 @@
 """Shard specs, shard ids, done markers and resume.
 
 A shard spec is anything webdataset's ``gopen`` opens (a local path, ``file:``,
-``http(s)://``, ``pipe:CMD``), with img2dataset's brace ranges
-(``laion-art/{00000..00999}.tar``). A shard's id is the stem of its tar, so
+``http(s)://``, ``pipe:CMD``) or a filesystem URI (``s3://``, ``gs://``, any
+fsspec scheme: see storage.py), with img2dataset's brace ranges
+(``laion-art/{00000..00999}.tar``); the output folder may be local or such a
+URI. A shard's id is the stem of its tar, so
 ``OUT/{id}.parquet`` sits beside the input's own ``{id}.tar`` naming, and
 ``OUT/{id}_stats.json`` (written last) says the shard is done.
 """
@@ -18,6 +20,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from braceexpand import braceexpand
+
+from . import storage
 
 TAR_SUFFIXES = (".tar.gz", ".tar.zst", ".tar.bz2", ".tar.xz", ".tgz", ".tar")
 URL_SCHEMES = ("http://", "https://", "pipe:", "file:", "s3://", "gs://", "ais://", "sftp://", "scp://", "ftps://")
@@ -47,7 +51,9 @@ def expand_specs(specs: str | list[str] | tuple[str, ...]) -> list[str]:
     urls: list[str] = []
     for spec in specs:
         for url in braceexpand(spec):
-            if not _is_url(url) and os.path.isdir(url):
+            if storage.is_fs_uri(url):
+                urls.extend(storage.expand(url, TAR_SUFFIXES))  # a folder or pattern: one listing
+            elif not _is_url(url) and os.path.isdir(url):
                 # A folder of img2dataset output: its tars, in name order.
                 found = sorted(str(p) for p in Path(url).iterdir() if p.name.endswith(TAR_SUFFIXES))
                 urls.extend(found)
@@ -96,24 +102,25 @@ def make_shards(specs: str | list[str] | tuple[str, ...]) -> list[Shard]:
     return shards
 
 
+# Paths below are pathlib.Path for local folders, storage.RemotePath for object stores.
 def parquet_path(out_dir: str | Path, sid: str) -> Path:
-    return Path(out_dir) / f"{sid}.parquet"
+    return storage.location(out_dir) / f"{sid}.parquet"
 
 
 def stats_path(out_dir: str | Path, sid: str) -> Path:
-    return Path(out_dir) / f"{sid}_stats.json"
+    return storage.location(out_dir) / f"{sid}_stats.json"
 
 
 def temp_path(final: Path, tag: str) -> Path:
-    """A hidden sibling of ``final``: same filesystem (so os.replace is atomic),
+    """A hidden sibling of ``final``: same filesystem (so the commit is atomic),
     invisible to ``*.parquet`` globs, unique per attempt."""
     return final.with_name(f".{final.name}.{tag}.tmp")
 
 
 def temp_files(out_dir: str | Path, sid: str) -> list[Path]:
-    """Leftovers of interrupted attempts at shard ``sid``."""
-    out = Path(out_dir)
-    return sorted(out.glob(f".{sid}.parquet.*.tmp")) + sorted(out.glob(f".{sid}_stats.json.*.tmp"))
+    """Leftovers of interrupted attempts at shard ``sid`` (from one listing of the folder)."""
+    prefixes = (f".{sid}.parquet.", f".{sid}_stats.json.")
+    return sorted((p for p in storage.location(out_dir).glob(".*.tmp") if p.name.startswith(prefixes)), key=str)
 
 
 def clean_temp(out_dir: str | Path, sid: str) -> int:
@@ -140,13 +147,21 @@ def plan(shards: list[Shard], out_dir: str | Path, overwrite: bool = False) -> t
     that is interrupted is finished by a plain rerun instead of leaving old and
     new shards mixed under the same markers.
     """
+    # One listing per folder holding markers, not a request per shard: on an object store,
+    # 100,000 existence checks would take longer than some runs.
+    markers = {s.id: (stats_path(out_dir, s.id), parquet_path(out_dir, s.id)) for s in shards}
+    present = storage.names_in({p.parent for pair in markers.values() for p in pair})
+
+    def exists(path) -> bool:
+        return path.name in present[str(path.parent)]
+
     if overwrite:
-        for shard in shards:
-            stats_path(out_dir, shard.id).unlink(missing_ok=True)
+        for stats, _ in markers.values():
+            if exists(stats):
+                stats.unlink(missing_ok=True)
         return list(shards), []
-    todo = [s for s in shards if not is_done(out_dir, s.id)]
-    done = [s for s in shards if is_done(out_dir, s.id)]
-    return todo, done
+    done_ids = {sid for sid, (stats, parquet) in markers.items() if exists(stats) and exists(parquet)}
+    return [s for s in shards if s.id not in done_ids], [s for s in shards if s.id in done_ids]
 
 
 def expected_samples(shard: Shard) -> int | None:

@@ -2,7 +2,8 @@
 
 Rows stream into a hidden temporary file row group by row group (a 10,000-image
 shard of 1000 strokes is 400 MB of floats: it is never held whole), and the file
-takes its final name with one ``os.replace`` once complete. The stats file is
+takes its final name once complete (``storage.commit``: an atomic rename locally,
+a server-side copy on an object store). The stats file is
 written the same way, after it: a reader that sees ``{id}_stats.json`` can trust
 ``{id}.parquet``; a reader that sees only ``{id}.parquet`` sees a complete
 file from this or an earlier run, never a partial one.
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import uuid
 from pathlib import Path
 
@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from encoder import STROKE_FIELDS
 
+from . import storage
 from .shards import parquet_path, stats_path, temp_path
 
 FORMAT_VERSION = "1"
@@ -97,34 +98,18 @@ def rows_to_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_pydict(columns, schema=schema)
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_json_atomic(path: str | Path, data: dict) -> Path:
-    """Write JSON under a temporary sibling name, then rename it into place."""
-    path = Path(path)
+    """Write JSON under a temporary sibling name, then commit it to ``path`` (local or object store)."""
+    path = storage.location(path)
     tmp = temp_path(path, uuid.uuid4().hex[:12])
+    payload = (json.dumps(data, indent=2, sort_keys=True, default=str) + "\n").encode("utf-8")
     try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, sort_keys=True, default=str)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        with storage.open_output(tmp) as handle:
+            handle.write(payload)
+        storage.commit(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
     return path
 
 
@@ -139,7 +124,7 @@ class ParquetRowWriter:
 
     def __init__(self, path: str | Path, n_strokes: int, metadata: dict[str, str] | None = None,
                  row_group_size: int = 256):  # fmt: skip
-        self.final = Path(path)
+        self.final = storage.location(path)
         self.final.parent.mkdir(parents=True, exist_ok=True)
         self.schema = make_schema(n_strokes, metadata)
         self.tmp = temp_path(self.final, uuid.uuid4().hex[:12])
@@ -147,7 +132,8 @@ class ParquetRowWriter:
         self.rows = 0
         self._pending: list[dict] = []
         # Opened now, so an empty shard still yields a valid (empty) Parquet file.
-        self._writer = pq.ParquetWriter(self.tmp, self.schema)
+        where, filesystem = storage.arrow_target(self.tmp)
+        self._writer = pq.ParquetWriter(where, self.schema, filesystem=filesystem)
 
     def add(self, rows: list[dict]) -> None:
         self._pending.extend(rows)
@@ -165,10 +151,7 @@ class ParquetRowWriter:
         self._write(self._pending)
         self._pending = []
         self._writer.close()
-        with open(self.tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(self.tmp, self.final)
-        _fsync_dir(self.final.parent)
+        storage.commit(self.tmp, self.final)
         return self.final
 
     def abort(self) -> None:
@@ -185,7 +168,7 @@ class ShardWriter(ParquetRowWriter):
 
     def __init__(self, out_dir: str | Path, shard_id: str, n_strokes: int,
                  metadata: dict[str, str] | None = None, row_group_size: int = 256):  # fmt: skip
-        self.out_dir = Path(out_dir)
+        self.out_dir = storage.location(out_dir)
         self.shard_id = shard_id
         super().__init__(parquet_path(self.out_dir, shard_id), n_strokes, {"shard_id": shard_id, **(metadata or {})},
                          row_group_size)

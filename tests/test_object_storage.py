@@ -1,0 +1,226 @@
+"""Object storage: shards in a bucket, output to a bucket, through moto's S3 server on 127.0.0.1.
+
+Same semantics as local folders: one Parquet per shard that no reader sees
+partially, the stats marker last, resume after the driver is SIGKILLed, the
+done markers read with one listing, and the dataset loader over the bucket.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import shards as S
+from pipeline import storage
+from pipeline.dataset import StrokeDataset, read_row
+from pipeline.writer import ShardWriter, write_json_atomic
+from pipeline_samples import (REPO, bad_samples, descendants, good_samples, kill_pids, tar_samples, tiny_config,
+                              write_tar)  # fmt: skip
+
+moto_server = pytest.importorskip("moto.server", reason="needs moto[server] (the dev extra)")
+boto3 = pytest.importorskip("boto3")
+
+BUCKET = "painterbot-test"
+
+
+class _Requests(logging.Handler):
+    """Counts the HTTP requests moto's server logs (werkzeug writes one line per request)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A moto S3 server, its endpoint and fake credentials in this process's environment (and so in
+    every subprocess the tests start), a bucket, and a boto3 client for looking behind pyarrow's back."""
+    requests = _Requests()
+    werkzeug = logging.getLogger("werkzeug")
+    werkzeug.addHandler(requests)
+    werkzeug.propagate = False  # one line per request would drown pytest's output
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_EC2_METADATA_DISABLED": "true"}  # fmt: skip
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    storage._make_store.cache_clear()  # filesystems are cached per process: build them with this endpoint
+    client = boto3.client("s3")
+    client.create_bucket(Bucket=BUCKET)
+    try:
+        yield client, requests
+    finally:
+        server.stop()
+        werkzeug.removeHandler(requests)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        storage._make_store.cache_clear()
+
+
+def _keys(client, prefix: str) -> list[str]:
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    # Keys ending in "/" are the empty folder markers pyarrow leaves after deleting a temporary object.
+    return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []) if not obj["Key"].endswith("/"))
+
+
+def test_writer_commits_whole_objects_and_resume_lists_once(s3):
+    client, requests = s3
+    out = f"s3://{BUCKET}/unit/out"
+    writer = ShardWriter(out, "00001", n_strokes=12, row_group_size=2)
+    writer.add([{"key": f"k{i}", "status": "decode_error", "error_message": "x"} for i in range(5)])
+    assert _keys(client, "unit/") == []  # nothing under any name until the commit
+    stats = writer.commit({"total": 5})
+    assert stats["rows"] == 5 and stats["parquet_bytes"] > 0
+    assert _keys(client, "unit/") == ["unit/out/00001.parquet", "unit/out/00001_stats.json"]
+    assert read_row(f"{out}/00001.parquet", "k3")["status"] == "decode_error"
+
+    aborted = ShardWriter(out, "00002", n_strokes=12)
+    aborted.add([{"key": "a", "status": "decode_error"}])
+    aborted.abort()
+    assert _keys(client, "unit/out/.") == []  # the temporary object is gone too
+
+    # A leftover temporary object (a killed attempt) is found and cleaned from one listing.
+    client.put_object(Bucket=BUCKET, Key="unit/out/.00003.parquet.deadbeef.tmp", Body=b"partial")
+    assert [p.name for p in S.temp_files(out, "00003")] == [".00003.parquet.deadbeef.tmp"]
+    assert S.clean_temp(out, "00003") == 1 and not S.temp_files(out, "00003")
+
+    # 400 shards, 300 of them done: the plan reads every marker from one listing.
+    for i in range(300):
+        for name in (f"{i:05d}.parquet", f"{i:05d}_stats.json"):
+            client.put_object(Bucket=BUCKET, Key=f"unit/many/{name}", Body=b"{}")
+    shards = S.make_shards([f"s3://{BUCKET}/in/{{00000..00399}}.tar"])  # no request: names only
+    before = len(requests.lines)
+    todo, done = S.plan(shards, f"s3://{BUCKET}/unit/many")
+    assert len(done) == 300 and [s.id for s in todo][:2] == ["00300", "00301"]
+    assert len(requests.lines) - before <= 2, requests.lines[before:]  # one ListObjectsV2 page (+ a retry at most)
+
+    storage.location(f"s3://{BUCKET}/a/new/prefix").mkdir(parents=True, exist_ok=True)  # nothing to create
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        storage.location("s3://no-such-bucket-here/out").mkdir(parents=True, exist_ok=True)
+
+    write_json_atomic(f"s3://{BUCKET}/unit/summary.json", {"a": 1})
+    assert json.loads(client.get_object(Bucket=BUCKET, Key="unit/summary.json")["Body"].read()) == {"a": 1}
+
+
+def _upload_shards(client, tmp: Path, count: int, per_shard: int) -> dict[str, Path]:
+    """img2dataset-layout tars written locally (kept for checking) and uploaded under in/."""
+    tars = {}
+    for i in range(count):
+        samples = good_samples(per_shard, prefix=f"s{i}k") + (bad_samples(f"b{i}")[:3] if i == 0 else [])
+        tar = write_tar(tmp / f"{i:05d}.tar", samples)
+        client.upload_file(str(tar), BUCKET, f"e2e/in/{tar.name}")
+        tars[tar.stem] = tar
+    return tars
+
+
+def _check_bucket(client, tars: dict[str, Path]) -> int:
+    """Every object under a final name is complete; returns how many shards are done."""
+    out = f"s3://{BUCKET}/e2e/out"
+    done = 0
+    for sid, tar in tars.items():
+        parquet = storage.location(f"{out}/{sid}.parquet")
+        if parquet.is_file():
+            where, filesystem = storage.arrow_target(parquet)
+            table = pq.read_table(where, filesystem=filesystem, columns=["key", "caption"])
+            expected = tar_samples(tar)
+            assert table["key"].to_pylist() == list(expected), f"{parquet} is not complete"
+            captions = [files["txt"].decode() if "txt" in files else None for files in expected.values()]
+            assert table["caption"].to_pylist() == captions
+        stats = storage.location(f"{out}/{sid}_stats.json")
+        if stats.is_file():
+            assert parquet.is_file() and json.loads(stats.read_text())["rows"] == len(tar_samples(tar))
+            done += 1
+    return done
+
+
+def test_bucket_to_bucket_killed_and_resumed_then_loaded(s3, tmp_path):
+    client, _ = s3
+    tars = _upload_shards(client, tmp_path, count=5, per_shard=5)
+    config = tiny_config(tmp_path / "tiny.yaml", batch_size=2, max_retries=1)
+    args = [sys.executable, str(REPO / "run_encode.py"), "--shards", f"s3://{BUCKET}/e2e/in/",
+            "--output", f"s3://{BUCKET}/e2e/out", "--config", str(config), "--gpus", "0", "--workers", "2",
+            "--no-progress"]  # fmt: skip
+    # The worktree's code, whatever the venv has installed; credentials and endpoint travel by environment.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
+    log_path = tmp_path / "killed.log"
+    helpers: set[int] = set()
+    with open(log_path, "w") as log:
+        driver = subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 240
+            while time.time() < deadline and driver.poll() is None:  # kill after the first committed shard
+                helpers.update(descendants(driver.pid))
+                if any(k.endswith("_stats.json") for k in _keys(client, "e2e/out/")):
+                    break
+                time.sleep(0.1)
+            assert driver.poll() is None, log_path.read_text()[-3000:]
+            helpers.update(descendants(driver.pid))
+            driver.send_signal(signal.SIGKILL)
+            driver.wait(timeout=30)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+            time.sleep(1)
+            kill_pids(sorted(helpers))  # Ray's helpers orphaned by the killed driver, by pid
+    assert "5 shard(s): 5 to encode" in log_path.read_text()  # the folder spec was listed
+    done_before = _check_bucket(client, tars)  # nothing partial under a final name
+    assert 1 <= done_before < len(tars)
+
+    rerun = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    assert f"{done_before} already done (skipped)" in rerun.stderr
+    assert _check_bucket(client, tars) == len(tars)  # every shard exactly once
+    assert not [k for k in _keys(client, "e2e/out/") if k.endswith(".tmp")]
+    summary = json.loads(client.get_object(Bucket=BUCKET, Key="e2e/out/_summary.json")["Body"].read())
+    assert summary["shards_encoded"] == len(tars) - done_before and summary["shards_failed"] == 0
+
+    # The loader reads the bucket as it reads a folder: ok rows only, strokes a row group at a time.
+    data = StrokeDataset(f"s3://{BUCKET}/e2e/out")
+    captions = {key: files["txt"].decode() for tar in tars.values() for key, files in tar_samples(tar).items()
+                if not key.startswith("b")}  # the planted bad samples all fail  # fmt: skip
+    assert dict(zip(data.keys, data.captions)) == captions
+    item = data[len(data) - 1]
+    assert tuple(item["strokes"].shape) == (12, 10) and item["psnr"] > 0
+    assert StrokeDataset(f"s3://{BUCKET}/e2e/out/*.parquet").keys == data.keys
+
+
+def test_subprocesses_import_this_checkout():
+    """The runs above are only evidence for this code if their interpreter imports it."""
+    code = "import pipeline.storage, run_encode; print(pipeline.storage.__file__)"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and Path(proc.stdout.strip()).is_relative_to(REPO), proc.stdout + proc.stderr
+
+
+def test_any_fsspec_filesystem_and_local_uris_take_the_same_paths(s3, tmp_path):
+    """memory:// (fsspec, in this process) stands for the schemes pyarrow does not serve itself."""
+    pytest.importorskip("fsspec")
+    out = "memory://painterbot-test/out"
+    writer = ShardWriter(out, "00007", n_strokes=12)
+    writer.add([{"key": "k", "status": "too_small", "error_message": "3x3"}])
+    writer.commit({"total": 1})
+    names = sorted(p.name for p in storage.location(out).iterdir())
+    assert names == ["00007.parquet", "00007_stats.json"]
+    todo, done = S.plan(S.make_shards([f"{out}/0000{{6..7}}.tar"]), out)
+    assert [s.id for s in todo] == ["00006"] and [s.id for s in done] == ["00007"]
+    assert read_row(f"{out}/00007.parquet", "k")["status"] == "too_small"
+    # file:// URIs and plain paths are local: pathlib and os, as before.
+    assert storage.location(f"file://{tmp_path}") == tmp_path and not storage.is_fs_uri(str(tmp_path))
+    assert storage.folder_of("http://host/00001.tar") is None and storage.folder_of("pipe:cat x.tar") is None
+    assert storage.folder_of(f"s3://{BUCKET}/in/00001.tar") == f"s3://{BUCKET}/in"
