@@ -21,6 +21,7 @@ class FitConfig:
     steps: int = 200             # optimiser steps per group
     # Progressive resolution: [scale, share of groups] pairs, coarse first. The
     # groups of each stage are fitted on the target area-averaged to scale * size.
+    # An optional third number is that stage's steps per group (default: steps).
     stages: list = field(default_factory=lambda: [[0.25, 0.2], [0.5, 0.3], [1.0, 0.5]])
     loss: str = "l2"             # l2 | l1 | prefix_l1 (the seed's mean-over-prefixes L1)
     lr: float = 0.005
@@ -31,6 +32,14 @@ class FitConfig:
     init_sigma_r: float = 0.1
     init_sigma_t: float = 0.1
     init_alpha: float = 0.01
+    # Joint refinement after the groups: [scale, steps] pairs, run in order, each
+    # optimising all strokes (and the background) together at scale * size. Frozen
+    # groups cannot correct each other; a joint pass can. An image keeps its
+    # refined painting only where that lowers its full-size error. Empty: no refinement.
+    refine: list = field(default_factory=list)
+    refine_lr: float = 0.001
+    refine_lr_scale: dict = field(default_factory=dict)  # per-field multipliers of refine_lr
+    refine_replace: bool = True   # re-place the strokes of rejected groups where the error is, before refining
     placement: str = "power"      # power: p ~ error ** placement_power; softmax: p ~ exp(error) (the seed's)
     placement_power: float = 2.0
     background: str = "mean"      # initial background: mean colour of the target, or black (the seed's)
@@ -53,8 +62,14 @@ class FitConfig:
             raise ValueError(f"background must be mean or black, got {self.background!r}")
         if self.backend not in ("auto", "triton", "reference"):
             raise ValueError(f"backend must be auto, triton or reference, got {self.backend!r}")
-        if not self.stages or any(len(s) != 2 or not 0 < s[0] <= 1 or s[1] < 0 for s in self.stages):
-            raise ValueError(f"stages must be [scale in (0, 1], share >= 0] pairs, got {self.stages}")
+        if not self.stages or any(len(s) not in (2, 3) or not 0 < s[0] <= 1 or s[1] < 0 for s in self.stages):
+            raise ValueError(f"stages must be [scale in (0, 1], share >= 0(, steps)] lists, got {self.stages}")
+        if any(len(s) == 3 and (int(s[2]) != s[2] or s[2] < 1) for s in self.stages):
+            raise ValueError(f"a stage's third number (steps per group) must be a positive integer, got {self.stages}")
+        if any(len(s) != 2 or not 0 < s[0] <= 1 or int(s[1]) != s[1] or s[1] < 0 for s in self.refine):
+            raise ValueError(f"refine must be [scale in (0, 1], steps >= 0] pairs, got {self.refine}")
+        if self.steps < 0 or self.refine_lr <= 0:
+            raise ValueError("steps must be >= 0 and refine_lr positive")
         self.betas = tuple(self.betas)
 
     @property
@@ -63,6 +78,13 @@ class FitConfig:
 
     def group_resolutions(self) -> list[int]:
         """Resolution at which each group is fitted, coarse to fine; the last is ``size``."""
+        out: list[int] = []
+        for stage, count in zip(self.stages, self._stage_counts()):
+            out += [max(8, round(stage[0] * self.size))] * count
+        return out
+
+    def _stage_counts(self) -> list[int]:
+        """Groups in each stage, in proportion to the stages' shares."""
         shares = [s[1] for s in self.stages]
         total = sum(shares) or 1.0
         counts = [round(share / total * self.groups) for share in shares]
@@ -71,9 +93,13 @@ class FitConfig:
             i = next(i for i, c in enumerate(counts[:-1]) if c > 0)
             counts[i] -= 1
             counts[-1] += 1
+        return counts
+
+    def group_steps(self) -> list[int]:
+        """Optimiser steps for each group: its stage's third number, else ``steps``."""
         out: list[int] = []
-        for (scale, _), count in zip(self.stages, counts):
-            out += [max(8, round(scale * self.size))] * count
+        for (_scale, _share, *steps), count in zip(self.stages, self._stage_counts()):
+            out += [int(steps[0]) if steps else self.steps] * count
         return out
 
     def group_sizes(self) -> list[int]:
