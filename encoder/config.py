@@ -26,6 +26,7 @@ class FitConfig:
     loss: str = "l2"             # l2 | l1 | prefix_l1 (the seed's mean-over-prefixes L1)
     lr: float = 0.005
     betas: tuple = (0.8, 0.9)
+    lr_decay: float = 0.0        # each group's lr falls linearly to (1 - lr_decay) * lr over its steps
     lr_scale: dict = field(default_factory=dict)  # per-field lr multipliers, e.g. {alpha: 2.0}
     # Initial values of new strokes; position and colour come from the error map.
     init_mu_r: float = 0.1
@@ -39,6 +40,8 @@ class FitConfig:
     refine: list = field(default_factory=list)
     refine_lr: float = 0.001
     refine_lr_scale: dict = field(default_factory=dict)  # per-field multipliers of refine_lr
+    refine_betas: tuple = (0.8, 0.9)
+    refine_lr_decay: float = 0.0  # as lr_decay, over each refinement stage
     refine_replace: bool = True   # re-place the strokes of rejected groups where the error is, before refining
     placement: str = "power"      # power: p ~ error ** placement_power; softmax: p ~ exp(error) (the seed's)
     placement_power: float = 2.0
@@ -70,7 +73,10 @@ class FitConfig:
             raise ValueError(f"refine must be [scale in (0, 1], steps >= 0] pairs, got {self.refine}")
         if self.steps < 0 or self.refine_lr <= 0:
             raise ValueError("steps must be >= 0 and refine_lr positive")
+        if not (0 <= self.lr_decay <= 1 and 0 <= self.refine_lr_decay <= 1):
+            raise ValueError("lr_decay and refine_lr_decay must be in [0, 1]")
         self.betas = tuple(self.betas)
+        self.refine_betas = tuple(self.refine_betas)
 
     @property
     def groups(self) -> int:

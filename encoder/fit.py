@@ -115,7 +115,8 @@ def refine_strokes(
         res = min(size, max(8, round(scale * size)))
         if res not in pyramid:
             pyramid[res] = downsample(targets, res)
-        stage = dataclasses.replace(config, steps=int(steps), lr=config.refine_lr, lr_scale=config.refine_lr_scale)
+        stage = dataclasses.replace(config, steps=int(steps), lr=config.refine_lr, lr_scale=config.refine_lr_scale,
+                                    betas=config.refine_betas, lr_decay=config.refine_lr_decay)
         if config.fit_background:
             background = optimise_group(strokes, None, pyramid[res], background, stage, lrs, lo, hi, backend)
         else:

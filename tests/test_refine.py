@@ -114,3 +114,33 @@ def test_stage_steps():
 def test_config_rejects_bad_refinement(bad):
     with pytest.raises(ValueError):
         FitConfig(**{**TINY, **bad})
+
+
+def test_adam_lr_factor_fused_matches_tensor_ops_and_one_is_identity():
+    from encoder.optim import Adam
+
+    gen = torch.Generator().manual_seed(4)
+    lo, hi = bounds(1.0)
+    lr = torch.linspace(0.01, 0.1, 10)
+    p0 = lo + torch.rand(2, 5, 10, generator=gen) * (hi - lo)
+    p1, p2, p3 = p0.clone(), p0.clone(), p0.clone()
+    a = Adam(p1, lr, lo, hi, (0.8, 0.9), fused=False)
+    b = Adam(p2, lr, lo, hi, (0.8, 0.9), fused=True)
+    c = Adam(p3, lr, lo, hi, (0.8, 0.9), fused=False)
+    for factor in (1.0, 0.5, 0.1):
+        g = torch.randn(2, 5, 10, generator=gen)
+        a.step(g.clone(), factor)
+        b.step(g.clone(), factor)
+        c.step(g.clone())  # no factor: the plain step
+        if factor == 1.0:
+            assert torch.equal(p1, p3)
+        assert torch.allclose(p1, p2, atol=1e-6)
+    assert not torch.equal(p1, p3)
+
+
+def test_zero_decay_is_the_plain_fit_and_full_decay_changes_it():
+    plain = fit_batch(photo(4)[None], FitConfig(**REFINE))
+    zero = fit_batch(photo(4)[None], FitConfig(**{**REFINE, "lr_decay": 0.0, "refine_lr_decay": 0.0}))
+    decayed = fit_batch(photo(4)[None], FitConfig(**{**REFINE, "lr_decay": 0.9, "refine_lr_decay": 0.9}))
+    assert torch.equal(plain.strokes, zero.strokes)
+    assert not torch.equal(plain.strokes, decayed.strokes)
