@@ -42,6 +42,8 @@ class FitConfig:
     refine_lr_scale: dict = field(default_factory=dict)  # per-field multipliers of refine_lr
     refine_betas: tuple = (0.8, 0.9)
     refine_lr_decay: float = 0.0  # as lr_decay, over each refinement stage
+    # Joint refinement steps at the end of every stage but the last, at that stage's resolution.
+    stage_refine: int = 0
     refine_replace: bool = True   # re-place the strokes of rejected groups where the error is, before refining
     placement: str = "power"      # power: p ~ error ** placement_power; softmax: p ~ exp(error) (the seed's)
     placement_power: float = 2.0
@@ -71,8 +73,8 @@ class FitConfig:
             raise ValueError(f"a stage's third number (steps per group) must be a positive integer, got {self.stages}")
         if any(len(s) != 2 or not 0 < s[0] <= 1 or int(s[1]) != s[1] or s[1] < 0 for s in self.refine):
             raise ValueError(f"refine must be [scale in (0, 1], steps >= 0] pairs, got {self.refine}")
-        if self.steps < 0 or self.refine_lr <= 0:
-            raise ValueError("steps must be >= 0 and refine_lr positive")
+        if self.steps < 0 or self.refine_lr <= 0 or self.stage_refine < 0:
+            raise ValueError("steps and stage_refine must be >= 0 and refine_lr positive")
         if not (0 <= self.lr_decay <= 1 and 0 <= self.refine_lr_decay <= 1):
             raise ValueError("lr_decay and refine_lr_decay must be in [0, 1]")
         self.betas = tuple(self.betas)

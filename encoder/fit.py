@@ -100,19 +100,17 @@ def replace_rejected(
 
 
 def refine_strokes(
-    strokes: torch.Tensor, background: torch.Tensor, targets: torch.Tensor, pyramid: dict,
+    strokes: torch.Tensor, background: torch.Tensor, targets: torch.Tensor, pyramid: dict, stages: list,
     config: FitConfig, lo: torch.Tensor, hi: torch.Tensor, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Optimise all ``strokes [B, N, 10]`` (and the background, with
-    ``fit_background``) jointly, through ``config.refine``'s [scale, steps]
-    stages; returns new tensors, the inputs are left as they were."""
-    size = targets.shape[-1]
+    ``fit_background``) jointly, through ``stages``: (resolution, steps) pairs;
+    returns new tensors, the inputs are left as they were."""
     strokes, background = strokes.clone(), background.clone()
     lrs = _field_lrs(config.refine_lr, config.refine_lr_scale, strokes.device)
-    for scale, steps in config.refine:
+    for res, steps in stages:
         if steps == 0:
             continue
-        res = min(size, max(8, round(scale * size)))
         if res not in pyramid:
             pyramid[res] = downsample(targets, res)
         stage = dataclasses.replace(config, steps=int(steps), lr=config.refine_lr, lr_scale=config.refine_lr_scale,
@@ -123,6 +121,28 @@ def refine_strokes(
             base = background[:, :, None, None].expand(-1, -1, res, res).contiguous()
             optimise_group(strokes, base, pyramid[res], None, stage, lrs, lo, hi, backend)
     return strokes, background
+
+
+def _joint_pass(strokes, rejected, background, targets, pyramid, full_canvas, full_error, stages, config, generators,
+                lo, hi, backend):
+    """Re-place rejected strokes, refine all strokes jointly, and commit per image
+    as a group is: only a lower full-size error (NaN never is) replaces an image's
+    painting. Returns (strokes, rejected, background, full_canvas, full_error, improved [B])."""
+    size = targets.shape[-1]
+    start = strokes
+    if config.refine_replace and bool(rejected.any()):
+        start = replace_rejected(strokes, rejected, targets, full_canvas, config, generators)
+    new_strokes, new_background = refine_strokes(start, background, targets, pyramid, stages, config, lo, hi, backend)
+    new_full = renderer.composite(new_strokes, new_background[:, :, None, None].expand(-1, -1, size, size)
+                                  .contiguous(), backend)
+    new_error = (new_full - targets).square().mean(dim=(1, 2, 3))
+    improved = new_error < full_error
+    strokes = torch.where(improved[:, None, None], new_strokes, strokes)
+    rejected = rejected & ~improved[:, None] if config.refine_replace else rejected
+    background = torch.where(improved[:, None], new_background, background)
+    full_canvas = torch.where(improved[:, None, None, None], new_full, full_canvas)
+    full_error = torch.where(improved, new_error, full_error)
+    return strokes, rejected, background, full_canvas, full_error, improved
 
 
 def fit_batch(
@@ -198,27 +218,26 @@ def fit_batch(
         rejected.append(worse[:, None].expand(-1, n))
         if canvas_res is not None:
             canvas = renderer.composite(strokes, base, backend)  # null strokes leave a worse image's base as it was
+        if config.stage_refine and g + 1 < len(resolutions) and resolutions[g + 1] != res:
+            # The end of a coarse stage: refine its strokes together at its resolution, cheaply (few
+            # strokes, few pixels), so the next stage's groups are placed on a better painting.
+            joint, joint_rejected, background, full_canvas, full_error, improved = _joint_pass(
+                torch.cat(frozen, 1), torch.cat(rejected, 1), background, targets, pyramid, full_canvas, full_error,
+                [(res, config.stage_refine)], config, generators, lo, hi, backend)
+            if bool(improved.any()):  # else the incremental canvas stands, bit for bit
+                frozen, rejected = [joint], [joint_rejected]
+                canvas_res = None
         history.append(10.0 * torch.log10(1.0 / full_error.clamp_min(1e-12)))
         if on_group is not None:
             on_group(g + 1, len(resolutions), history[-1].cpu())
 
     strokes = torch.cat(frozen, 1)
     refined = torch.zeros(bsz, dtype=torch.bool, device=dev)
-    if any(steps > 0 for _, steps in config.refine):
-        start_strokes = strokes
-        rejected_mask = torch.cat(rejected, 1)
-        if config.refine_replace and bool(rejected_mask.any()):
-            start_strokes = replace_rejected(strokes, rejected_mask, targets, full_canvas, config, generators)
-        new_strokes, new_background = refine_strokes(start_strokes, background, targets, pyramid, config, lo, hi,
-                                                     backend)
-        # Commit per image, as a group is: only a lower full-size error (NaN never is) replaces the painting.
-        new_full = renderer.composite(new_strokes, new_background[:, :, None, None].expand(-1, -1, size, size)
-                                      .contiguous(), backend)
-        new_error = (new_full - targets).square().mean(dim=(1, 2, 3))
-        refined = new_error < full_error
-        strokes = torch.where(refined[:, None, None], new_strokes, strokes)
-        background = torch.where(refined[:, None], new_background, background)
-        full_canvas = torch.where(refined[:, None, None, None], new_full, full_canvas)
+    stages = [(min(size, max(8, round(scale * size))), steps) for scale, steps in config.refine]
+    if any(steps > 0 for _, steps in stages):
+        strokes, _, background, full_canvas, full_error, refined = _joint_pass(
+            strokes, torch.cat(rejected, 1), background, targets, pyramid, full_canvas, full_error, stages, config,
+            generators, lo, hi, backend)
     final_psnr = psnr(full_canvas, targets)
     ok = ~diverged & torch.isfinite(strokes).all(dim=(1, 2)) & torch.isfinite(final_psnr)
     if dev.type == "cuda":

@@ -144,3 +144,25 @@ def test_zero_decay_is_the_plain_fit_and_full_decay_changes_it():
     decayed = fit_batch(photo(4)[None], FitConfig(**{**REFINE, "lr_decay": 0.9, "refine_lr_decay": 0.9}))
     assert torch.equal(plain.strokes, zero.strokes)
     assert not torch.equal(plain.strokes, decayed.strokes)
+
+
+def test_stage_refinement_keeps_psnr_monotone_and_strokes_valid(monkeypatch):
+    config = FitConfig(**{**REFINE, "stage_refine": 3})
+    result = fit_batch(images(), config)
+    assert torch.all(result.group_psnr[:, 1:] - result.group_psnr[:, :-1] >= -1e-4)
+    assert torch.all(result.psnr >= result.group_psnr[:, -1] - 1e-4)
+    lo, hi = bounds(1.0)
+    assert torch.all(result.strokes >= lo) and torch.all(result.strokes <= hi)
+    # A stage refinement that climbs the loss changes nothing: the plain groups' result.
+    plain = fit_batch(images(), FitConfig(**TINY))
+    from encoder import fit
+
+    def spoiled(strokes, background, *args):  # opaque strokes of the wrong colour
+        bad = strokes.clone()
+        bad[..., 6:9] = (args[0].mean(dim=(2, 3))[:, None, :] < 0.5).float()
+        bad[..., 9] = 1.0
+        return bad, background
+
+    monkeypatch.setattr(fit, "refine_strokes", spoiled)
+    harmful = fit_batch(images(), FitConfig(**{**TINY, "stage_refine": 3}))
+    assert torch.equal(harmful.strokes, plain.strokes) and torch.equal(harmful.group_psnr, plain.group_psnr)
