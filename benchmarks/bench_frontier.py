@@ -3,8 +3,8 @@
     python benchmarks/bench_frontier.py --variants benchmarks/frontier.json --reps 3 --out frontier_data.json
 
 Each variant is {name, config (a preset path, or null for the default), overrides,
-batch (images per fit_batch call, default --batch), kind (free text, e.g.
-"preset" or "sweep")}. For each one:
+batch (images per fit_batch call, default --batch), reps (default --reps), kind
+(free text: "today", "preset", "sweep: ...")}. For each one:
 
 - throughput: the 11 benchmark photos repeated to fill ``batch``, fitted ``--reps``
   times after one untimed fit that compiles the kernels and captures the CUDA
@@ -51,6 +51,7 @@ def measure(variant: dict, photos: dict[str, torch.Tensor], default_batch: int, 
             device: str) -> dict:
     config = load_config(variant.get("config"), **{**base, **variant.get("overrides", {})})
     batch = int(variant.get("batch", default_batch))
+    reps = int(variant.get("reps", reps))
     bench = fill(photos["benchmark"], batch)
     fit_batch(bench, config, device=device)  # compiles and captures, untimed
     sync(device)
