@@ -2,9 +2,10 @@
 
     python benchmarks/plot_frontier.py frontier_data.json benchmarks/frontier.png [--table]
 
-Presets are labelled points, sweep variants small ones (a line joins each
-sweep's points, in order), the seed's algorithm its given points (238 s per
-image: astronaut 22.73 dB, lisa 27.99 dB). Needs matplotlib (the development
+Three panels: the mean of the 11 benchmark photos, astronaut and lisa.
+Presets are stars, the old default a square, sweep variants small points (a
+line joins each sweep's points, in order); the seed's algorithm has given
+points for astronaut and lisa only (238 s per image: 22.73 and 27.99 dB). Needs matplotlib (the development
 machine, not the GPU machine). --table prints the Markdown table for RESULTS.md.
 """
 from __future__ import annotations
@@ -32,37 +33,42 @@ def plot(data: dict, out: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.6), dpi=80)
+    panels = (("mean of the 11 benchmark photos", lambda r: r["mean_benchmark"], None),
+              ("astronaut", lambda r: r["benchmark"]["astronaut"], SEED_PSNR["astronaut"]),
+              ("lisa", lambda r: r["benchmark"]["lisa"], SEED_PSNR["lisa"]))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8), dpi=70)
     rows = data["rows"]
     sweeps: dict[str, list] = {}
     for r in rows:
         if r["kind"].startswith("sweep"):
             sweeps.setdefault(r["kind"], []).append(r)
-    for kind, pts in sweeps.items():
-        for axis, key in ((ax, "mean_benchmark"), (ax2, "lisa")):
-            ys = [p[key] if key != "lisa" else p["benchmark"]["lisa"] for p in pts]
-            axis.plot([p["images_per_s"] for p in pts], ys, "o-", ms=3, lw=1, alpha=0.6, label=kind)
-    for r in rows:
-        if r["kind"] in ("preset", "today"):
-            for axis, y in ((ax, r["mean_benchmark"]), (ax2, r["benchmark"]["lisa"])):
-                axis.plot(r["images_per_s"], y, "*" if r["kind"] == "preset" else "s", ms=11 if r["kind"] == "preset" else 7,
-                          color="C3" if r["kind"] == "preset" else "k")
-                axis.annotate(r["name"], (r["images_per_s"], y), textcoords="offset points", xytext=(6, -10), fontsize=8)
-    seed_rate = 1.0 / SEED_SECONDS
-    ax.plot([seed_rate], [sum(SEED_PSNR.values()) / 2], "v", color="gray")
-    ax.annotate("seed (mean of astronaut, lisa)", (seed_rate, sum(SEED_PSNR.values()) / 2), textcoords="offset points",
-                xytext=(6, 4), fontsize=8)
-    ax2.plot([seed_rate], [SEED_PSNR["lisa"]], "v", color="gray")
-    ax2.annotate("seed", (seed_rate, SEED_PSNR["lisa"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
-    for axis, title in ((ax, "mean of the 11 benchmark photos"), (ax2, "lisa")):
+    for axis, (title, value, seed) in zip(axes, panels):
+        for kind, pts in sweeps.items():
+            axis.plot([p["images_per_s"] for p in pts], [value(p) for p in pts], "o-", ms=3, lw=1, alpha=0.6,
+                      label=kind[len("sweep: "):] if kind.startswith("sweep: ") else kind)
+        for r in rows:
+            if r["kind"] in ("preset", "today"):
+                preset = r["kind"] == "preset"
+                axis.plot(r["images_per_s"], value(r), "*" if preset else "s", ms=12 if preset else 7,
+                          color="C3" if preset else "k", zorder=3)
+                axis.annotate(r["name"], (r["images_per_s"], value(r)), textcoords="offset points",
+                              xytext=(-8, 8) if preset else (6, -12), fontsize=8, ha="right" if preset else "left")
+        if seed is not None:
+            axis.plot([1.0 / SEED_SECONDS], [seed], "v", ms=8, color="gray")
+            axis.annotate(f"seed ({SEED_SECONDS:.0f} s/image)", (1.0 / SEED_SECONDS, seed), textcoords="offset points",
+                          xytext=(6, 4), fontsize=8)
         axis.set_xscale("log")
-        axis.set_xlabel("images/s per H100 (log)")
+        axis.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        axis.set_xlabel("images/s per H100 (log scale)")
         axis.set_ylabel("PSNR (dB)")
         axis.set_title(title, fontsize=10)
         axis.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
-    fig.suptitle(f"1000 strokes at 512 px: quality vs speed ({data['meta']['device']}, {data['meta']['date']})", fontsize=10)
+    axes[0].legend(fontsize=7, loc="lower left")
+    fig.suptitle(f"1000 strokes at 512 px: quality against speed ({data['meta']['device']}, {data['meta']['date']})",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(out)
 
