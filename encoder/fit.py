@@ -33,7 +33,7 @@ class FitResult:
     psnr: torch.Tensor         # [B] at full resolution
     ok: torch.Tensor           # [B] bool: False where any group diverged (non-finite values)
     seconds: float             # wall time of the whole batch
-    group_psnr: torch.Tensor   # [B, groups] PSNR after each group, before any refinement
+    group_psnr: torch.Tensor   # [B, groups] PSNR after each group (and stage_refine), before the final pass
     refined: torch.Tensor | None = None  # [B] bool: the image kept its jointly refined painting
 
 

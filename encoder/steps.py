@@ -22,8 +22,10 @@ from .config import FitConfig
 from .optim import Adam
 
 # Captured loops kept per process: one per (batch, group size, resolution,
-# background or not, ...); the default preset uses four.
-_MAX_GRAPHS = 8
+# background or not, steps, lr, ...). Each preset uses five or six per batch
+# size (groups per resolution, the joint passes), and a shard's last, partial
+# batch brings a second size: twelve keep both without recapturing.
+_MAX_GRAPHS = 12
 _graphs: OrderedDict[tuple, _GraphedSteps] = OrderedDict()
 
 
