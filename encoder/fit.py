@@ -157,8 +157,9 @@ def fit_batch(
     ``device``/``seed`` default to the config's; image i draws its random
     numbers from ``seed + i``, so it gets the same painting in any batch that
     starts it at the same seed. ``on_group(done, total,
-    psnr [B])`` is called after each group (for progress bars); it is the
-    only place the loop waits for the GPU.
+    psnr [B])`` is called after each group (for progress bars). The loop
+    waits for the GPU only there and, once per joint pass, to learn whether any
+    image has rejected strokes to re-place or kept a stage-end refinement.
     """
     start = time.perf_counter()
     dev = renderer.resolve_device(device if device is not None else config.device)
