@@ -113,8 +113,15 @@ def _is_number(value) -> bool:
 
 
 def _is_stage(stage) -> bool:
+    """[scale, share] or [scale, share, steps per group]."""
+    return (isinstance(stage, (list, tuple)) and len(stage) in (2, 3) and all(_is_number(v) for v in stage)
+            and 0 < stage[0] <= 1 and stage[1] >= 0 and (len(stage) == 2 or (int(stage[2]) == stage[2] >= 1)))
+
+
+def _is_refine_stage(stage) -> bool:
+    """[scale, steps]."""
     return (isinstance(stage, (list, tuple)) and len(stage) == 2 and all(_is_number(v) for v in stage)
-            and 0 < stage[0] <= 1 and stage[1] >= 0)
+            and 0 < stage[0] <= 1 and int(stage[1]) == stage[1] >= 0)
 
 
 def _type_name(hint) -> str:
@@ -126,7 +133,8 @@ def _type_name(hint) -> str:
 
 @dataclass
 class FitConfig:
-    """Every knob of the fit. Defaults are the tuned 1000-strokes-at-512 preset."""
+    """Every knob of the fit. The defaults are the first tuned 1000-strokes-at-512 schedule, with no
+    joint refinement (opt-in, so small configs stay small); encoder/presets/default.yaml is the current default."""
 
     strokes: int = 1000          # strokes per image
     size: int = 512              # side of the square target (short side resized, centre-cropped)
@@ -134,16 +142,30 @@ class FitConfig:
     steps: int = 200             # optimiser steps per group
     # Progressive resolution: [scale, share of groups] pairs, coarse first. The
     # groups of each stage are fitted on the target area-averaged to scale * size.
+    # An optional third number is that stage's steps per group (default: steps).
     stages: list = field(default_factory=lambda: [[0.25, 0.2], [0.5, 0.3], [1.0, 0.5]])
     loss: str = "l2"             # l2 | l1 | prefix_l1 (the seed's mean-over-prefixes L1)
     lr: float = 0.005
     betas: tuple = (0.8, 0.9)
+    lr_decay: float = 0.0        # each group's lr falls linearly to (1 - lr_decay) * lr over its steps
     lr_scale: dict = field(default_factory=dict)  # per-field lr multipliers, e.g. {alpha: 2.0}
     # Initial values of new strokes; position and colour come from the error map.
     init_mu_r: float = 0.1
     init_sigma_r: float = 0.1
     init_sigma_t: float = 0.1
     init_alpha: float = 0.01
+    # Joint refinement after the groups: [scale, steps] pairs, run in order, each
+    # optimising all strokes (and the background) together at scale * size. Frozen
+    # groups cannot correct each other; a joint pass can. An image keeps its
+    # refined painting only where that lowers its full-size error. Empty: no refinement.
+    refine: list = field(default_factory=list)
+    refine_lr: float = 0.001
+    refine_lr_scale: dict = field(default_factory=dict)  # per-field multipliers of refine_lr
+    refine_betas: tuple = (0.8, 0.9)
+    refine_lr_decay: float = 0.0  # as lr_decay, over each refinement stage
+    # Joint refinement steps at the end of every stage but the last, at that stage's resolution.
+    stage_refine: int = 0
+    refine_replace: bool = True   # re-place the strokes of rejected groups where the error is, before refining
     placement: str = "power"      # power: p ~ error ** placement_power; softmax: p ~ exp(error) (the seed's)
     placement_power: float = 2.0
     background: str = "mean"      # initial background: mean colour of the target, or black (the seed's)
@@ -173,13 +195,23 @@ class FitConfig:
         if self.backend not in ("auto", "triton", "reference"):
             raise ValueError(f"encoder.backend must be auto, triton or reference, got {self.backend!r}")
         if not self.stages or not all(_is_stage(s) for s in self.stages):
-            raise ValueError(f"encoder.stages must be [scale in (0, 1], share >= 0] pairs, got {self.stages}")
-        positive = ("init_mu_r", "init_sigma_r", "init_sigma_t", "init_alpha", "placement_power")
+            raise ValueError(f"encoder.stages must be [scale in (0, 1], share >= 0(, steps >= 1)] lists, got {self.stages}")
+        if not all(_is_refine_stage(s) for s in self.refine):
+            raise ValueError(f"encoder.refine must be [scale in (0, 1], steps >= 0] pairs, got {self.refine}")
+        positive = ("init_mu_r", "init_sigma_r", "init_sigma_t", "init_alpha", "placement_power", "refine_lr")
         if not all(getattr(self, name) > 0 for name in positive):
             raise ValueError(f"encoder.{', '.join(positive)} must be > 0")
-        if not all(isinstance(k, str) and _is_number(v) and v >= 0 for k, v in self.lr_scale.items()):
-            raise ValueError(f"encoder.lr_scale must map field names to numbers >= 0, got {self.lr_scale}")
+        for name in ("lr_scale", "refine_lr_scale"):
+            if not all(isinstance(k, str) and _is_number(v) and v >= 0 for k, v in getattr(self, name).items()):
+                raise ValueError(f"encoder.{name} must map field names to numbers >= 0, got {getattr(self, name)}")
+        if self.stage_refine < 0:
+            raise ValueError(f"encoder.stage_refine must be >= 0, got {self.stage_refine}")
+        if not (0 <= self.lr_decay <= 1 and 0 <= self.refine_lr_decay <= 1):
+            raise ValueError("encoder.lr_decay and refine_lr_decay must be in [0, 1]")
+        if len(self.refine_betas) != 2 or not all(0 <= b < 1 for b in self.refine_betas):
+            raise ValueError(f"encoder.refine_betas must be two values in [0, 1), got {self.refine_betas}")
         self.betas = tuple(self.betas)
+        self.refine_betas = tuple(self.refine_betas)
 
     @property
     def groups(self) -> int:
@@ -187,6 +219,13 @@ class FitConfig:
 
     def group_resolutions(self) -> list[int]:
         """Resolution at which each group is fitted, coarse to fine; the last is ``size``."""
+        out: list[int] = []
+        for stage, count in zip(self.stages, self._stage_counts()):
+            out += [max(8, round(stage[0] * self.size))] * count
+        return out
+
+    def _stage_counts(self) -> list[int]:
+        """Groups in each stage, in proportion to the stages' shares."""
         shares = [s[1] for s in self.stages]
         total = sum(shares) or 1.0
         counts = [round(share / total * self.groups) for share in shares]
@@ -195,9 +234,13 @@ class FitConfig:
             i = next(i for i, c in enumerate(counts[:-1]) if c > 0)
             counts[i] -= 1
             counts[-1] += 1
+        return counts
+
+    def group_steps(self) -> list[int]:
+        """Optimiser steps for each group: its stage's third number, else ``steps``."""
         out: list[int] = []
-        for (scale, _), count in zip(self.stages, counts):
-            out += [max(8, round(scale * self.size))] * count
+        for (_scale, _share, *steps), count in zip(self.stages, self._stage_counts()):
+            out += [int(steps[0]) if steps else self.steps] * count
         return out
 
     def group_sizes(self) -> list[int]:

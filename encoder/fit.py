@@ -9,6 +9,7 @@ every prefix of groups is a finished painting.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -32,7 +33,8 @@ class FitResult:
     psnr: torch.Tensor         # [B] at full resolution
     ok: torch.Tensor           # [B] bool: False where any group diverged (non-finite values)
     seconds: float             # wall time of the whole batch
-    group_psnr: torch.Tensor   # [B, groups] PSNR after each group
+    group_psnr: torch.Tensor   # [B, groups] PSNR after each group (and stage_refine), before the final pass
+    refined: torch.Tensor | None = None  # [B] bool: the image kept its jointly refined painting
 
 
 def null_strokes(batch: int, n: int, device) -> torch.Tensor:
@@ -74,13 +76,73 @@ def place_strokes(
     return strokes
 
 
-def _field_lrs(config: FitConfig, device) -> torch.Tensor:
+def _field_lrs(lr: float, scale: dict, device) -> torch.Tensor:
     from .strokes import FIELDS
 
-    unknown = set(config.lr_scale) - set(FIELDS)
+    unknown = set(scale) - set(FIELDS)
     if unknown:
-        raise ValueError(f"lr_scale names unknown fields {sorted(unknown)}; fields are {FIELDS}")
-    return torch.tensor([config.lr * config.lr_scale.get(f, 1.0) for f in FIELDS], device=device)
+        raise ValueError(f"lr scales name unknown fields {sorted(unknown)}; fields are {FIELDS}")
+    return torch.tensor([lr * scale.get(f, 1.0) for f in FIELDS], device=device)
+
+
+def replace_rejected(
+    strokes: torch.Tensor, rejected: torch.Tensor, target: torch.Tensor, canvas: torch.Tensor,
+    config: FitConfig, generators: list[torch.Generator],
+) -> torch.Tensor:
+    """``strokes`` with every rejected (null) stroke ``rejected [B, N]`` re-placed
+    where ``canvas`` is furthest from ``target``, as a new group's strokes are.
+
+    A rejected stroke paints nothing, wherever it sits in the order, so it
+    costs a slot and gives nothing; re-placed, the joint refinement can fit it.
+    """
+    fresh = place_strokes(target, canvas, strokes.shape[1], config, generators)
+    return torch.where(rejected[..., None], fresh, strokes)
+
+
+def refine_strokes(
+    strokes: torch.Tensor, background: torch.Tensor, targets: torch.Tensor, pyramid: dict, stages: list,
+    config: FitConfig, lo: torch.Tensor, hi: torch.Tensor, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Optimise all ``strokes [B, N, 10]`` (and the background, with
+    ``fit_background``) jointly, through ``stages``: (resolution, steps) pairs;
+    returns new tensors, the inputs are left as they were."""
+    strokes, background = strokes.clone(), background.clone()
+    lrs = _field_lrs(config.refine_lr, config.refine_lr_scale, strokes.device)
+    for res, steps in stages:
+        if steps == 0:
+            continue
+        if res not in pyramid:
+            pyramid[res] = downsample(targets, res)
+        stage = dataclasses.replace(config, steps=int(steps), lr=config.refine_lr, lr_scale=config.refine_lr_scale,
+                                    betas=config.refine_betas, lr_decay=config.refine_lr_decay)
+        if config.fit_background:
+            background = optimise_group(strokes, None, pyramid[res], background, stage, lrs, lo, hi, backend)
+        else:
+            base = background[:, :, None, None].expand(-1, -1, res, res).contiguous()
+            optimise_group(strokes, base, pyramid[res], None, stage, lrs, lo, hi, backend)
+    return strokes, background
+
+
+def _joint_pass(strokes, rejected, background, targets, pyramid, full_canvas, full_error, stages, config, generators,
+                lo, hi, backend):
+    """Re-place rejected strokes, refine all strokes jointly, and commit per image
+    as a group is: only a lower full-size error (NaN never is) replaces an image's
+    painting. Returns (strokes, rejected, background, full_canvas, full_error, improved [B])."""
+    size = targets.shape[-1]
+    start = strokes
+    if config.refine_replace and bool(rejected.any()):
+        start = replace_rejected(strokes, rejected, targets, full_canvas, config, generators)
+    new_strokes, new_background = refine_strokes(start, background, targets, pyramid, stages, config, lo, hi, backend)
+    new_full = renderer.composite(new_strokes, new_background[:, :, None, None].expand(-1, -1, size, size)
+                                  .contiguous(), backend)
+    new_error = (new_full - targets).square().mean(dim=(1, 2, 3))
+    improved = new_error < full_error
+    strokes = torch.where(improved[:, None, None], new_strokes, strokes)
+    rejected = rejected & ~improved[:, None] if config.refine_replace else rejected
+    background = torch.where(improved[:, None], new_background, background)
+    full_canvas = torch.where(improved[:, None, None, None], new_full, full_canvas)
+    full_error = torch.where(improved, new_error, full_error)
+    return strokes, rejected, background, full_canvas, full_error, improved
 
 
 def fit_batch(
@@ -95,8 +157,9 @@ def fit_batch(
     ``device``/``seed`` default to the config's; image i draws its random
     numbers from ``seed + i``, so it gets the same painting in any batch that
     starts it at the same seed. ``on_group(done, total,
-    psnr [B])`` is called after each group (for progress bars); it is the
-    only place the loop waits for the GPU.
+    psnr [B])`` is called after each group (for progress bars). The loop
+    waits for the GPU only there and, once per joint pass, to learn whether any
+    image has rejected strokes to re-place or kept a stage-end refinement.
     """
     start = time.perf_counter()
     dev = renderer.resolve_device(device if device is not None else config.device)
@@ -110,20 +173,23 @@ def fit_batch(
     first_seed = config.seed if seed is None else seed
     generators = [torch.Generator(device=dev).manual_seed(first_seed + i) for i in range(bsz)]
     lo, hi = bounds(1.0, dev)
-    lrs = _field_lrs(config, dev)
+    lrs = _field_lrs(config.lr, config.lr_scale, dev)
 
     resolutions = [min(r, size) for r in config.group_resolutions()]
     pyramid = {r: downsample(targets, r) for r in set(resolutions)}
     background = targets.mean(dim=(2, 3)) if config.background == "mean" else targets.new_zeros(bsz, 3)
     frozen: list[torch.Tensor] = []
+    rejected: list[torch.Tensor] = []  # [B, n] per group: True where the image got null strokes
     full_canvas = background[:, :, None, None].expand(-1, -1, size, size).contiguous()
     full_error = (full_canvas - targets).square().mean(dim=(1, 2, 3))
     history = []
     canvas, canvas_res = None, None
     diverged = torch.zeros(bsz, dtype=torch.bool, device=dev)
 
+    group_steps = config.group_steps()
     for g, (n, res) in enumerate(zip(config.group_sizes(), resolutions)):
         target = pyramid[res]
+        group_config = config if group_steps[g] == config.steps else dataclasses.replace(config, steps=group_steps[g])
         fit_bg = config.fit_background and g == 0
         if canvas_res != res:
             # Point-sampled strokes at the new resolution, not a resampled canvas.
@@ -132,7 +198,8 @@ def fit_batch(
             canvas_res = res
         base = canvas
         strokes = place_strokes(target, base, n, config, generators)
-        fitted_bg = optimise_group(strokes, base, target, background if fit_bg else None, config, lrs, lo, hi, backend)
+        fitted_bg = optimise_group(strokes, base, target, background if fit_bg else None, group_config, lrs, lo, hi,
+                                   backend)
         old_background = background
         if fit_bg:
             background = fitted_bg
@@ -149,13 +216,29 @@ def fit_batch(
             background = torch.where(worse[:, None], old_background, background)
             canvas_res = None  # the base changed under the group: repaint at the next group
         frozen.append(strokes)
+        rejected.append(worse[:, None].expand(-1, n))
         if canvas_res is not None:
             canvas = renderer.composite(strokes, base, backend)  # null strokes leave a worse image's base as it was
+        if config.stage_refine and g + 1 < len(resolutions) and resolutions[g + 1] != res:
+            # The end of a coarse stage: refine its strokes together at its resolution, cheaply (few
+            # strokes, few pixels), so the next stage's groups are placed on a better painting.
+            joint, joint_rejected, background, full_canvas, full_error, improved = _joint_pass(
+                torch.cat(frozen, 1), torch.cat(rejected, 1), background, targets, pyramid, full_canvas, full_error,
+                [(res, config.stage_refine)], config, generators, lo, hi, backend)
+            if bool(improved.any()):  # else the incremental canvas stands, bit for bit
+                frozen, rejected = [joint], [joint_rejected]
+                canvas_res = None
         history.append(10.0 * torch.log10(1.0 / full_error.clamp_min(1e-12)))
         if on_group is not None:
             on_group(g + 1, len(resolutions), history[-1].cpu())
 
     strokes = torch.cat(frozen, 1)
+    refined = torch.zeros(bsz, dtype=torch.bool, device=dev)
+    stages = [(min(size, max(8, round(scale * size))), steps) for scale, steps in config.refine]
+    if any(steps > 0 for _, steps in stages):
+        strokes, _, background, full_canvas, full_error, refined = _joint_pass(
+            strokes, torch.cat(rejected, 1), background, targets, pyramid, full_canvas, full_error, stages, config,
+            generators, lo, hi, backend)
     final_psnr = psnr(full_canvas, targets)
     ok = ~diverged & torch.isfinite(strokes).all(dim=(1, 2)) & torch.isfinite(final_psnr)
     if dev.type == "cuda":
@@ -167,4 +250,5 @@ def fit_batch(
         ok=ok.cpu(),
         seconds=time.perf_counter() - start,
         group_psnr=torch.stack(history, 1).cpu(),
+        refined=refined.cpu(),
     )

@@ -19,14 +19,15 @@ except ImportError:  # the CPU path needs no Triton
 if triton is not None:
 
     @triton.jit
-    def _adam_kernel(P, G, M, V, LR, LO, HI, n, b1, b2, bias1, bias2, eps, FIELDS: tl.constexpr, BLOCK: tl.constexpr):
+    def _adam_kernel(P, G, M, V, LR, LO, HI, n, b1, b2, bias1, bias2, eps, scale, FIELDS: tl.constexpr,
+                     BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         field = offs % FIELDS
         g = tl.load(G + offs, mask=mask, other=0.0)
         m = tl.load(M + offs, mask=mask, other=0.0) * b1 + (1.0 - b1) * g
         v = tl.load(V + offs, mask=mask, other=0.0) * b2 + (1.0 - b2) * g * g
-        lr = tl.load(LR + field, mask=mask, other=0.0)
+        lr = tl.load(LR + field, mask=mask, other=0.0) * scale
         p = tl.load(P + offs, mask=mask, other=0.0) - lr * (m / bias1) / (tl.sqrt(v / bias2) + eps)
         p = tl.minimum(tl.maximum(p, tl.load(LO + field, mask=mask, other=0.0)), tl.load(HI + field, mask=mask, other=0.0))
         tl.store(P + offs, p, mask=mask)
@@ -47,8 +48,13 @@ class Adam:
         self.t = 0
         self.fused = (params.is_cuda and triton is not None) if fused is None else fused
 
-    def step(self, grad: torch.Tensor) -> None:
-        """Update and clamp the parameters in place, then zero ``grad`` for the next accumulation."""
+    def step(self, grad: torch.Tensor, lr_factor: float = 1.0) -> None:
+        """Update and clamp the parameters in place, then zero ``grad`` for the next accumulation.
+
+        ``lr_factor`` scales every learning rate for this step (a schedule). It is
+        a plain number, not a tensor, so a CUDA graph capture bakes each step's
+        value into that step's launch at no cost.
+        """
         b1, b2 = self.betas
         self.t += 1
         bias1, bias2 = 1 - b1 ** self.t, 1 - b2 ** self.t
@@ -56,13 +62,13 @@ class Adam:
             n = self.params.numel()
             block = 1024
             _adam_kernel[(triton.cdiv(n, block),)](
-                self.params, grad, self.m, self.v, self.lr, self.lo, self.hi, n, b1, b2, bias1, bias2, self.eps,
+                self.params, grad, self.m, self.v, self.lr, self.lo, self.hi, n, b1, b2, bias1, bias2, self.eps, lr_factor,
                 FIELDS=self.params.shape[-1], BLOCK=block,
             )
             return
         self.m.lerp_(grad, 1 - b1)
         self.v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
         denom = (self.v / bias2).sqrt_().add_(self.eps)
-        self.params.addcdiv_(self.m * (self.lr / bias1), denom, value=-1.0)
+        self.params.addcdiv_(self.m * (self.lr * (lr_factor / bias1)), denom, value=-1.0)
         torch.clamp(self.params, self.lo, self.hi, out=self.params)
         grad.zero_()

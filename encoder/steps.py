@@ -21,8 +21,10 @@ from .config import FitConfig
 from .optim import Adam
 
 # Captured loops kept per process: one per (batch, group size, resolution,
-# background or not, ...); the default preset uses four.
-_MAX_GRAPHS = 8
+# background or not, steps, lr, ...). Each preset uses five or six per batch
+# size (groups per resolution, the joint passes), and a shard's last, partial
+# batch brings a second size: twelve keep both without recapturing.
+_MAX_GRAPHS = 12
 _graphs: OrderedDict[tuple, _GraphedSteps] = OrderedDict()
 
 
@@ -40,7 +42,7 @@ def optimise_group(
         return _run_steps(strokes, base, target, background, config, lrs, lo, hi, backend, config.steps)
     # lrs follow from lr and lr_scale; keying on them, not on the tensor, needs no device sync.
     key = (strokes.device, tuple(strokes.shape), tuple(target.shape), background is not None, config.steps,
-           config.loss, config.betas, config.lr, tuple(sorted(config.lr_scale.items())))
+           config.loss, config.betas, config.lr, config.lr_decay, tuple(sorted(config.lr_scale.items())))
     graphed = _graphs.pop(key, None)
     if graphed is None:
         graphed = _GraphedSteps(strokes, base, target, background, config, lrs, lo, hi)
@@ -60,13 +62,15 @@ def _run_steps(strokes, base, target, background, config, lrs, lo, hi, backend, 
         dev = bg.device
         bg_opt = Adam(bg, torch.full((3,), config.lr, device=dev), torch.zeros(3, device=dev),
                       torch.ones(3, device=dev), config.betas)
-    for _ in range(steps):
+    for t in range(steps):
+        # Linear decay from lr to (1 - lr_decay) * lr over the loop's steps.
+        factor = 1.0 - config.lr_decay * t / max(1, steps - 1)
         if fit_bg:
             base = bg[:, :, None, None].expand(-1, -1, res, res).contiguous()
         _, _, grad, grad_base = renderer.loss_and_grad(strokes, base, target, config.loss, backend, fit_bg, grad)
-        opt.step(grad)
+        opt.step(grad, factor)
         if fit_bg:
-            bg_opt.step(grad_base.sum(dim=(2, 3)))
+            bg_opt.step(grad_base.sum(dim=(2, 3)), factor)
     return bg if fit_bg else None
 
 
