@@ -25,7 +25,7 @@ from tqdm import tqdm
 import encoder
 
 from .config import PipelineConfig, load_pipeline_config
-from .shards import Shard, clean_temp, expected_samples, make_shards, plan
+from .shards import META_DIR, Shard, clean_temp, expected_samples, make_shards, plan
 from .worker import ShardEncoder
 from .writer import write_json_atomic
 
@@ -33,7 +33,7 @@ CODE_ROOT = Path(__file__).resolve().parent.parent  # the folder holding pipelin
 
 # Fault injection for tests: a marker path; the first worker to reach it dies once.
 CRASH_ONCE_ENV = "PAINTERBOT_CRASH_ONCE"
-SUMMARY_NAME = "_summary.json"
+SUMMARY_NAME = f"{META_DIR}/summary.json"  # beside the stats files, out of the data readers' way
 
 
 @dataclass

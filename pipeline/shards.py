@@ -100,8 +100,19 @@ def parquet_path(out_dir: str | Path, sid: str) -> Path:
     return Path(out_dir) / f"{sid}.parquet"
 
 
+# Everything that is not a Parquet data file lives in this folder, so that readers pointed at the
+# output folder see only data: pyarrow.dataset (and pandas, Ray Data through it) skip names
+# starting with "_" or ".", and Hugging Face datasets skips folders starting with "__" (a single
+# "_" is not enough for it: its stats files would outnumber the Parquet files and win the builder).
+META_DIR = "__painterbot__"
+
+
+def meta_dir(out_dir: str | Path) -> Path:
+    return Path(out_dir) / META_DIR
+
+
 def stats_path(out_dir: str | Path, sid: str) -> Path:
-    return Path(out_dir) / f"{sid}_stats.json"
+    return meta_dir(out_dir) / f"{sid}_stats.json"
 
 
 def temp_path(final: Path, tag: str) -> Path:
@@ -112,8 +123,8 @@ def temp_path(final: Path, tag: str) -> Path:
 
 def temp_files(out_dir: str | Path, sid: str) -> list[Path]:
     """Leftovers of interrupted attempts at shard ``sid``."""
-    out = Path(out_dir)
-    return sorted(out.glob(f".{sid}.parquet.*.tmp")) + sorted(out.glob(f".{sid}_stats.json.*.tmp"))
+    stats = stats_path(out_dir, sid)
+    return sorted(Path(out_dir).glob(f".{sid}.parquet.*.tmp")) + sorted(stats.parent.glob(f".{stats.name}.*.tmp"))
 
 
 def clean_temp(out_dir: str | Path, sid: str) -> int:
