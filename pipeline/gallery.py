@@ -117,9 +117,10 @@ def _stats(out: Path) -> tuple[list[dict], dict | None]:
 
 
 # -- charts (inline SVG) --------------------------------------------------------------------------------
-def _histogram_svg(values: list[float], width: int = 560, height: int = 180, bins: int = 24) -> str:
+def _histogram_svg(values: list[float], width: int = 560, height: int = 180) -> str:
     if not values:
         return "<p class=note>no ok rows</p>"
+    bins = int(np.clip(2 * np.sqrt(len(values)), 5, 40))  # a few rows per bar, however large the run
     counts, edges = np.histogram(values, bins=bins)
     top = max(1, counts.max())
     bar = (width - 40) / bins
@@ -129,9 +130,11 @@ def _histogram_svg(values: list[float], width: int = 560, height: int = 180, bin
         x = 30 + i * bar
         parts.append(f'<rect x="{x:.1f}" y="{height - h:.1f}" width="{bar - 2:.1f}" height="{h:.1f}" fill="#4a7fb5">'
                      f"<title>{edges[i]:.2f}-{edges[i + 1]:.2f} dB: {c}</title></rect>")  # fmt: skip
-    for x, label in ((30, f"{edges[0]:.1f}"), (width - 10, f"{edges[-1]:.1f} dB")):
+    for x, label in ((30, f"{edges[0]:.1f}"), (width - 10, f"{edges[-1]:.1f}")):
         parts.append(f'<text x="{x}" y="{height + 18}" text-anchor="{"start" if x == 30 else "end"}">{label}</text>')
-    parts.append(f'<text x="26" y="12" text-anchor="end">{top}</text><text x="26" y="{height}" text-anchor="end">0</text>')
+    parts.append(f'<text x="{width / 2}" y="{height + 18}" text-anchor="middle">PSNR (dB) of each image</text>'
+                 f'<text x="26" y="12" text-anchor="end">{top}</text><text x="26" y="{height}" text-anchor="end">0</text>'
+                 f'<text x="34" y="12">images</text>')  # fmt: skip
     parts.append("</svg>")
     return "".join(parts)
 
@@ -160,7 +163,8 @@ def _throughput_svg(stats: list[dict], width: int = 560, height: int = 180) -> s
     return (f'<svg width="{width}" height="{height + 30}" role="img" aria-label="images over time">'
             f'<polyline points="{path}" fill="none" stroke="#c0392b" stroke-width="2"/>'
             f'<text x="36" y="12" text-anchor="end">{total}</text><text x="36" y="{height}" text-anchor="end">0</text>'
-            f'<text x="40" y="{height + 18}">0 s</text>'
+            f'<text x="40" y="{height + 18}">0 s</text><text x="42" y="12">images committed</text>'
+            f'<text x="{width / 2}" y="{height + 18}" text-anchor="middle">time since the first shard started</text>'
             f'<text x="{width - 20}" y="{height + 18}" text-anchor="end">{span:.0f} s</text></svg>'
             f"<p class=note>{total} images in {span:.0f} s of wall time: {rate:.2f} images/s overall</p>")  # fmt: skip
 
@@ -176,6 +180,7 @@ img{display:block;image-rendering:auto}.pair{display:flex;gap:4px}.note{color:#6
 background:#f6f6f6;color:#888;font-size:11px;padding:6px;box-sizing:border-box}
 .cards{display:flex;gap:32px;flex-wrap:wrap}.card b{display:block;font-size:22px}
 .charts{display:flex;gap:40px;flex-wrap:wrap}svg text{font-size:11px;fill:#555}
+.strip{display:flex;gap:6px;margin-top:12px}figure{margin:0}figcaption{font-size:11px;color:#666;text-align:center}
 .err{color:#a00;font-family:monospace;font-size:12px}td.num{text-align:right;font-variant-numeric:tabular-nums}
 """
 
@@ -202,7 +207,7 @@ def _image_cell(row: dict, photos: dict, size: int) -> str:
     if isinstance(photo, str) or photo is None:
         left = f'<div class=missing style="--t:{size}px" title="{html.escape(photo or "")}">photo unavailable</div>'
     else:
-        left = f'<img src="{_data_uri(photo)}" width="{size}" height="{size}" alt="photo {html.escape(row["key"])}">'
+        left = f'<img src="{_data_uri(photo.resize((size, size)))}" width="{size}" height="{size}" alt="photo {html.escape(row["key"])}">'
     right = f'<img src="{_data_uri(row["painting"])}" width="{size}" height="{size}" alt="painting {html.escape(row["key"])}">'
     return f'<div class=pair data-key="{html.escape(row["key"])}">{left}{right}</div>'
 
@@ -214,20 +219,29 @@ def _rows_table(title: str, rows: list[dict], photos: dict, size: int, files: li
                     f'<td class=num data-v="{r["psnr"]:.3f}">{r["psnr"]:.2f}</td>'
                     f"<td>{len(r['strokes'])}</td><td>{html.escape(r['caption'] or '')}</td>"
                     f"<td>{html.escape(Path(files[r['file']]).name)}</td></tr>")  # fmt: skip
-    return (f"<h2>{title}</h2><table class=sortable><thead><tr><th>photo | painting</th><th>key</th><th>PSNR dB</th>"
+    return (f"<h2>{title}</h2><table class=sortable><thead><tr><th title='the fit target, cut from the source shard, beside the painting rendered from its strokes'>photo &rarr; painting</th><th>key</th><th>PSNR dB</th>"
             f"<th>strokes</th><th>caption</th><th>file</th></tr></thead><tbody>{''.join(body)}</tbody></table>")
 
 
-def _timelapse(row: dict, size: int, frames: int) -> str:
+def _timelapse(row: dict, photo, size: int, frames: int) -> str:
+    """A slider over ``frames`` stages of one painting beside its photo, and a strip of six stages
+    that reads without interaction (in print, or a screenshot)."""
     n = len(row["strokes"])
     counts = sorted({round(n * i / frames) for i in range(frames + 1)})
-    imgs = "".join(f'<img src="{_data_uri(_paint(row["strokes"][:k], row["background"], size))}" data-n="{k}" '
-                   f'width="{size}" height="{size}" style="display:none" alt="{k} strokes">' for k in counts)  # fmt: skip
+    stages = {k: _paint(row["strokes"][:k], row["background"], size) for k in counts}
+    imgs = "".join(f'<img src="{_data_uri(image)}" data-n="{k}" width="{size}" height="{size}" style="display:none" '
+                   f'alt="{k} strokes">' for k, image in stages.items())  # fmt: skip
+    strip_counts = [counts[round(i * (len(counts) - 1) / 5)] for i in range(6)]
+    strip = "".join(f'<figure><img src="{_data_uri(stages[k].resize((size // 2, size // 2)))}" width="{size // 2}" '
+                    f'height="{size // 2}" alt="{k} strokes"><figcaption>{k}</figcaption></figure>' for k in strip_counts)  # fmt: skip
+    target = (f'<img src="{_data_uri(photo)}" width="{size}" height="{size}" alt="photo">'
+              if hasattr(photo, "save") else f'<div class=missing style="--t:{size}px">photo unavailable</div>')  # fmt: skip
     return (f"<h2>Timelapse: {html.escape(row['key'])} ({row['psnr']:.2f} dB)</h2>"
-            f"<p class=note>The painting stroke by stroke, in the order the fit placed them (coarse groups first)."
-            f"</p><div id=frames>{imgs}</div><input id=lapse type=range min=0 max={len(counts) - 1} "
-            f'value={len(counts) - 1} style="width:{size}px"> <button onclick="play()">play / pause</button> '
-            f"<span id=lapse-label></span>")  # fmt: skip
+            f"<p class=note>The painting stroke by stroke, in the order the fit placed them (coarse groups first); "
+            f"drag the slider or press play.</p><div class=pair>{target}<div id=frames>{imgs}</div></div>"
+            f'<input id=lapse type=range min=0 max={len(counts) - 1} value={len(counts) - 1} '
+            f'style="width:{2 * size}px"> <button onclick="play()">play / pause</button> <span id=lapse-label></span>'
+            f"<div class=strip>{strip}</div>")  # fmt: skip
 
 
 def build_report(out: str | Path, worst: int = 12, best: int = 12, thumb: int = 160, timelapse_key: str | None = None,
@@ -250,7 +264,8 @@ def build_report(out: str | Path, worst: int = 12, best: int = 12, thumb: int = 
     _strokes(files, chosen + ([lapse] if lapse else []))
     for r in chosen:
         r["painting"] = _paint(r["strokes"], r["background"], thumb)
-    photos = _photos(files, chosen, thumb)
+    big = max(thumb, 256)  # the timelapse's size; table thumbnails are scaled down from it
+    photos = _photos(files, chosen + ([lapse] if lapse else []), big)
     missing = sum(1 for r in chosen if not hasattr(photos.get((r["file"], r["key"])), "save"))
 
     total, psnrs = len(listing), [r["psnr"] for r in ok]
@@ -274,7 +289,7 @@ def build_report(out: str | Path, worst: int = 12, best: int = 12, thumb: int = 
     for title, rows in sections:
         parts.append(_rows_table(title, rows, photos, thumb, files))
     if lapse is not None:
-        parts.append(_timelapse(lapse, max(thumb, 256), frames))
+        parts.append(_timelapse(lapse, photos.get((lapse["file"], lapse["key"])), big, frames))
     parts.append(_failures(failures, stats, files))
     parts.append(f"<script>{JS}</script></body></html>")
     listed = {title: [r["key"] for r in rows] for title, rows in sections}

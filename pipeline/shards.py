@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from braceexpand import braceexpand
-
 TAR_SUFFIXES = (".tar.gz", ".tar.zst", ".tar.bz2", ".tar.xz", ".tgz", ".tar")
 URL_SCHEMES = ("http://", "https://", "pipe:", "file:", "s3://", "gs://", "ais://", "sftp://", "scp://", "ftps://")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._=+-]+$")
@@ -42,6 +40,10 @@ def expand_specs(specs: str | list[str] | tuple[str, ...]) -> list[str]:
     Several specs may be given (a list, or one string separated by whitespace is
     NOT split: a ``pipe:`` command contains spaces). Order is kept, duplicates dropped.
     """
+    # Imported here: the writer imports this module for its paths, and reading or writing output
+    # files (benchmarks on a bare GPU box) should need only torch, numpy, pillow and pyarrow.
+    from braceexpand import braceexpand
+
     if isinstance(specs, str):
         specs = [specs]
     urls: list[str] = []
