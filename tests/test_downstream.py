@@ -285,3 +285,27 @@ def test_gallery_says_when_the_photos_are_gone(real_run, tmp_path):
     pairs = _pairs(page)
     assert len(pairs) == real_run["ok"] and all(len(v) == 1 for v in pairs.values())  # paintings only
     assert "could not be read back" in page and os.fspath(real_run["tmp"] / "in") in page
+
+
+def test_gallery_command_writes_the_report(real_run, tmp_path, capsys):
+    from pipeline.__main__ import main
+
+    assert main(["gallery", str(real_run["out"]), "-o", str(tmp_path / "r.html"), "--thumb", "32"]) == 0
+    assert json.loads(capsys.readouterr().out)["images_listed"] == real_run["ok"]
+    assert (tmp_path / "r.html").read_text().startswith("<!doctype html>")
+
+
+def test_training_example_runs_and_paints(real_run, tmp_path, monkeypatch):
+    """examples/train_strokes.py end to end, tiny: the loader, the tokenizer, a model, a sample PNG."""
+    import runpy
+    import sys
+
+    from conftest import ROOT
+    from PIL import Image
+
+    png = tmp_path / "sample.png"
+    monkeypatch.setattr(sys, "argv", ["train_strokes.py", str(real_run["out"]), "--steps", "3", "--strokes", "3",
+                                      "--dim", "32", "--layers", "1", "--batch", "4", "--size", "24", "-o", str(png)])  # fmt: skip
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(str(ROOT / "examples" / "train_strokes.py"), run_name="__main__")
+    assert done.value.code == 0 and Image.open(png).size == (24, 24)
