@@ -27,6 +27,8 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 import encoder
@@ -36,7 +38,7 @@ from .driver import SUMMARY_NAME
 from .reader import SampleError, ShardReader, decode_image
 from .shards import meta_dir
 
-LIST_COLUMNS = ["key", "caption", "status", "error_message", "psnr"]
+MAX_FAILURES = 500  # failed rows listed; a run with more counts them in the stats
 
 
 def _data_uri(image, fmt: str = "JPEG") -> str:
@@ -50,23 +52,38 @@ def _paint(strokes: torch.Tensor, background: torch.Tensor, size: int):
 
 
 # -- reading the run ----------------------------------------------------------------------------------
-def _listing(files: list[str]) -> list[dict]:
-    """Every row's small columns, with where it lives (file, row index)."""
-    rows = []
+def _listing(files: list[str]) -> pa.Table:
+    """key, status and psnr of every row, with its file and row index.
+
+    Columnar on purpose: a run of millions of rows is a few columns here, not millions of dicts;
+    only the rows the report shows become Python objects.
+    """
+    parts = []
     for f, path in enumerate(files):
-        table = open_file(path).read(columns=LIST_COLUMNS)
-        for i, row in enumerate(table_rows(table, LIST_COLUMNS, np.arange(len(table)))):
-            rows.append({**row, "file": f, "index": i})
-    return rows
+        table = open_file(path).read(columns=["key", "status", "psnr"])
+        parts.append(table.append_column("file", pa.array(np.full(len(table), f, np.int32)))
+                     .append_column("index", pa.array(np.arange(len(table), dtype=np.int64))))  # fmt: skip
+    if not parts:
+        return pa.table({"key": pa.array([], pa.string()), "status": pa.array([], pa.string()),
+                         "psnr": pa.array([], pa.float32()), "file": pa.array([], pa.int32()),
+                         "index": pa.array([], pa.int64())})  # fmt: skip
+    return pa.concat_tables(parts)
 
 
-def _strokes(files: list[str], chosen: list[dict]) -> None:
-    """Add strokes and background to the chosen rows, reading each file once."""
-    for f in sorted({r["file"] for r in chosen}):
-        mine = [r for r in chosen if r["file"] == f]
-        table = open_file(files[f]).read(columns=["strokes", "background"])
-        for row, got in zip(mine, table_rows(table, ["strokes", "background"], np.array([r["index"] for r in mine]))):
-            row.update(got)
+def _fetch(files: list[str], rows: list[dict], columns: list[str]) -> None:
+    """Add ``columns`` to each row dict, reading only the row groups that hold them."""
+    for f in sorted({r["file"] for r in rows}):
+        handle = open_file(files[f])
+        sizes = [handle.metadata.row_group(g).num_rows for g in range(handle.num_row_groups)]
+        starts = np.cumsum([0] + sizes)
+        mine = [r for r in rows if r["file"] == f]
+        groups = np.searchsorted(starts, [r["index"] for r in mine], side="right") - 1
+        for g in sorted(set(groups.tolist())):
+            these = [r for r, group in zip(mine, groups) if group == g]
+            table = handle.read_row_group(g, columns=columns)
+            where = np.array([r["index"] - starts[g] for r in these], dtype=np.int64)
+            for row, got in zip(these, table_rows(table, columns, where)):
+                row.update(got)
 
 
 def _photos(files: list[str], chosen: list[dict], size: int) -> dict[tuple[int, str], object]:
@@ -117,8 +134,8 @@ def _stats(out: Path) -> tuple[list[dict], dict | None]:
 
 
 # -- charts (inline SVG) --------------------------------------------------------------------------------
-def _histogram_svg(values: list[float], width: int = 560, height: int = 180) -> str:
-    if not values:
+def _histogram_svg(values: np.ndarray, width: int = 560, height: int = 180) -> str:
+    if not len(values):
         return "<p class=note>no ok rows</p>"
     bins = int(np.clip(2 * np.sqrt(len(values)), 5, 40))  # a few rows per bar, however large the run
     counts, edges = np.histogram(values, bins=bins)
@@ -173,7 +190,7 @@ def _throughput_svg(stats: list[dict], width: int = 560, height: int = 180) -> s
 CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;max-width:1300px}
 h1{margin:0 0 4px}h2{margin-top:32px;border-bottom:1px solid #ddd;padding-bottom:4px}
-table{border-collapse:collapse}td,th{padding:4px 8px;border-bottom:1px solid #eee;vertical-align:middle;text-align:left}
+table{border-collapse:collapse}table.sortable{width:100%}td,th{padding:4px 8px;border-bottom:1px solid #eee;vertical-align:middle;text-align:left}
 th{cursor:pointer;background:#f4f4f4;user-select:none}th:after{content:" \\2195";color:#aaa}
 img{display:block;image-rendering:auto}.pair{display:flex;gap:4px}.note{color:#666}
 .missing{width:var(--t);height:var(--t);display:flex;align-items:center;justify-content:center;text-align:center;
@@ -212,12 +229,16 @@ def _image_cell(row: dict, photos: dict, size: int) -> str:
     return f'<div class=pair data-key="{html.escape(row["key"])}">{left}{right}</div>'
 
 
+def _caption(text: str | None) -> str:
+    return html.escape(text) if text else "<span class=note>(no caption)</span>"
+
+
 def _rows_table(title: str, rows: list[dict], photos: dict, size: int, files: list[str]) -> str:
     body = []
     for r in rows:
         body.append(f"<tr><td>{_image_cell(r, photos, size)}</td><td>{html.escape(r['key'])}</td>"
                     f'<td class=num data-v="{r["psnr"]:.3f}">{r["psnr"]:.2f}</td>'
-                    f"<td>{len(r['strokes'])}</td><td>{html.escape(r['caption'] or '')}</td>"
+                    f"<td>{len(r['strokes'])}</td><td>{_caption(r['caption'])}</td>"
                     f"<td>{html.escape(Path(files[r['file']]).name)}</td></tr>")  # fmt: skip
     return (f"<h2>{title}</h2><table class=sortable><thead><tr><th title='the fit target, cut from the source shard, beside the painting rendered from its strokes'>photo &rarr; painting</th><th>key</th><th>PSNR dB</th>"
             f"<th>strokes</th><th>caption</th><th>file</th></tr></thead><tbody>{''.join(body)}</tbody></table>")
@@ -251,26 +272,32 @@ def build_report(out: str | Path, worst: int = 12, best: int = 12, thumb: int = 
     files = parquet_files(out)
     listing = _listing(files)
     stats, summary = _stats(out)
-    ok = sorted((r for r in listing if r["status"] == "ok"), key=lambda r: r["psnr"])
-    failures = [r for r in listing if r["status"] != "ok"]
+    is_ok = pc.equal(listing["status"], "ok")
+    ok = listing.filter(is_ok)
+    ok = ok.take(pc.sort_indices(ok, [("psnr", "ascending")]))
+    failed = listing.filter(pc.invert(is_ok))
+    failures = failed.slice(0, MAX_FAILURES).to_pylist()
     if len(ok) <= worst + best:
-        sections = [("All images, worst PSNR first", ok)]
+        sections = [("All images, worst PSNR first", ok.to_pylist())]
     else:
-        sections = [(f"Worst {worst} by PSNR", ok[:worst]), (f"Best {best} by PSNR", ok[::-1][:best])]
+        sections = [(f"Worst {worst} by PSNR", ok.slice(0, worst).to_pylist()),
+                    (f"Best {best} by PSNR", ok.slice(len(ok) - best).to_pylist()[::-1])]  # fmt: skip
     chosen = [r for _, rows in sections for r in rows]
-    lapse = next((r for r in ok if r["key"] == timelapse_key), None) if timelapse_key else None
-    if lapse is None and ok:
-        lapse = ok[len(ok) // 2]  # the median image: neither the best case nor the worst
-    _strokes(files, chosen + ([lapse] if lapse else []))
+    picked = ok.filter(pc.equal(ok["key"], timelapse_key)) if timelapse_key else ok.slice(0, 0)
+    # Default: the median image, neither the best case nor the worst.
+    lapse = (picked if len(picked) else ok.slice(len(ok) // 2, 1)).to_pylist()[0] if len(ok) else None
+    shown = chosen + ([lapse] if lapse else [])
+    _fetch(files, shown, ["caption", "strokes", "background"])
+    _fetch(files, failures, ["error_message"])
     for r in chosen:
         r["painting"] = _paint(r["strokes"], r["background"], thumb)
     big = max(thumb, 256)  # the timelapse's size; table thumbnails are scaled down from it
-    photos = _photos(files, chosen + ([lapse] if lapse else []), big)
+    photos = _photos(files, shown, big)
     missing = sum(1 for r in chosen if not hasattr(photos.get((r["file"], r["key"])), "save"))
 
-    total, psnrs = len(listing), [r["psnr"] for r in ok]
-    cards = [("images", total), ("ok", len(ok)), ("failed", len(failures)),
-             ("mean PSNR", f"{np.mean(psnrs):.2f} dB" if psnrs else "-"),
+    total, psnrs = len(listing), ok["psnr"].to_numpy(zero_copy_only=False)
+    cards = [("images", total), ("ok", len(ok)), ("failed", len(failed)),
+             ("mean PSNR", f"{np.mean(psnrs):.2f} dB" if len(psnrs) else "-"),
              ("files", len(files))]  # fmt: skip
     if summary:
         cards += [("run seconds", f"{summary.get('seconds', 0):.0f}"), ("device", summary.get("device", "?")),
@@ -290,13 +317,13 @@ def build_report(out: str | Path, worst: int = 12, best: int = 12, thumb: int = 
         parts.append(_rows_table(title, rows, photos, thumb, files))
     if lapse is not None:
         parts.append(_timelapse(lapse, photos.get((lapse["file"], lapse["key"])), big, frames))
-    parts.append(_failures(failures, stats, files))
+    parts.append(_failures(failures, len(failed), stats, files))
     parts.append(f"<script>{JS}</script></body></html>")
     listed = {title: [r["key"] for r in rows] for title, rows in sections}
     return "".join(parts), listed
 
 
-def _failures(failures: list[dict], stats: list[dict], files: list[str]) -> str:
+def _failures(failures: list[dict], total: int, stats: list[dict], files: list[str]) -> str:
     shard_errors = [(s.get("shard_id", "?"), e) for s in stats for e in s.get("errors", [])]
     if not failures and not shard_errors:
         return "<h2>Failures</h2><p class=note>none: every sample of every shard was painted.</p>"
@@ -305,7 +332,9 @@ def _failures(failures: list[dict], stats: list[dict], files: list[str]) -> str:
                    f"<td>{html.escape(Path(files[r['file']]).name)}</td></tr>" for r in failures)  # fmt: skip
     shard_rows = "".join(f"<tr><td>{html.escape(sid)}</td><td class=err>{html.escape(e)}</td></tr>"
                          for sid, e in shard_errors)  # fmt: skip
-    out = f"<h2>Failures ({len(failures)} rows)</h2>"
+    out = f"<h2>Failures ({total} row{'' if total == 1 else 's'})</h2>"
+    if total > len(failures):
+        out += f"<p class=note>the first {len(failures)} are listed; the stats files count them all by status.</p>"
     if failures:
         out += ("<table class=sortable><thead><tr><th>key</th><th>status</th><th>message</th><th>file</th></tr></thead>"
                 f"<tbody>{rows}</tbody></table>")  # fmt: skip
