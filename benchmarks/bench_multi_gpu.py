@@ -75,7 +75,7 @@ def run_encode(shards: list[str], gpus: int, out: Path, batch: int, sampler: Gpu
     print(proc.stdout[-3000:], proc.stderr[-3000:], flush=True)
     if proc.returncode != 0:
         raise SystemExit(f"run_encode.py --gpus {gpus} exited with {proc.returncode}")
-    summary = json.loads((out / "_summary.json").read_text())
+    summary = json.loads((out / "__painterbot__" / "summary.json").read_text())
     summary["wall_seconds"] = wall
     return summary
 

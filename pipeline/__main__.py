@@ -1,8 +1,9 @@
-"""Command line for single images: ``python -m pipeline fit | render | bench``.
+"""Command line for single images and for looking at a run: ``python -m pipeline fit | render | bench | gallery``.
 
     python -m pipeline fit IMAGE... --strokes N --size S --device cpu|cuda -o OUT.parquet --preview DIR
     python -m pipeline render STROKES.pt|OUT.parquet [--key KEY] --size S -o OUT.png [--target IMAGE]
     python -m pipeline bench [--batch B] [--size S]
+    python -m pipeline gallery OUT -o report.html [--worst N] [--best N] [--timelapse-key KEY]
 
 It lives in the pipeline (not the encoder) because ``fit -o`` writes the same
 Parquet format as ``run_encode.py``, through the same writer, and ``render``
@@ -196,6 +197,19 @@ def cmd_bench(args) -> int:
     return 0
 
 
+# --- gallery ---------------------------------------------------------------------------------------
+
+def cmd_gallery(args) -> int:
+    from .gallery import write_report
+
+    if not args.out.is_dir():
+        raise UsageError(f"{args.out} is not an output folder")
+    path, listed = write_report(args.out, args.output, worst=args.worst, best=args.best, thumb=args.thumb,
+                                timelapse_key=args.timelapse_key)  # fmt: skip
+    print(json.dumps({"report": str(path), "images_listed": sum(len(v) for v in listed.values())}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline", description="PainterBot encoder: images <-> strokes")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -230,6 +244,15 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--size", type=int, default=512)
     bench.add_argument("--device", default="auto")
     bench.set_defaults(func=cmd_bench)
+
+    gallery = sub.add_parser("gallery", help="one self-contained HTML report of an output folder")
+    gallery.add_argument("out", type=Path, help="the output folder of run_encode.py")
+    gallery.add_argument("-o", "--output", type=Path, default=Path("report.html"))
+    gallery.add_argument("--worst", type=int, default=12, help="rows listed with the lowest PSNR")
+    gallery.add_argument("--best", type=int, default=12, help="rows listed with the highest PSNR")
+    gallery.add_argument("--thumb", type=int, default=160, help="thumbnail size in pixels")
+    gallery.add_argument("--timelapse-key", help="the image shown stroke by stroke (default: the median PSNR)")
+    gallery.set_defaults(func=cmd_gallery)
 
     args = ap.parse_args(argv)
     if getattr(args, "timelapse", False) and not args.preview:

@@ -24,7 +24,9 @@ from webdataset import TarWriter
 import encoder
 
 from .config import CPU_PRESET, DEFAULT_PRESET
-from .driver import RunOptions
+from .driver import SUMMARY_NAME, RunOptions
+from .columns import encoder_size, open_file
+from .shards import meta_dir
 
 DEMO_ROOT = Path("demo_out")  # in .gitignore
 
@@ -116,19 +118,16 @@ def show_demo(options: RunOptions) -> None:
     out = Path(options.output)
     previews = []
     for parquet in sorted(out.glob("*.parquet")):
-        previews += render_previews(parquet, out / "previews", _size_of(parquet), limit=4)
-    print(f"[demo] strokes: {out}/*.parquet  stats: {out}/*_stats.json  summary: {out}/_summary.json")
+        # Beside the output folder, not inside it: image files there would make Hugging Face
+        # datasets pick its image-folder builder for the folder instead of Parquet.
+        previews += render_previews(parquet, out.parent / "previews", encoder_size(open_file(parquet)), limit=4)
+    print(f"[demo] strokes: {out}/*.parquet  stats: {meta_dir(out)}/*_stats.json  summary: {out / SUMMARY_NAME}")
     if previews:
-        print(f"[demo] {len(previews)} paintings rendered from the strokes: {out / 'previews'}")
+        print(f"[demo] {len(previews)} paintings rendered from the strokes: {out.parent / 'previews'}")
     print(f"[demo] render one yourself: python -m pipeline render {out}/00000.parquet --key 000000000 --size 512 "
           "-o painting.png")
+    if any(out.glob("*.parquet")):
+        from .gallery import write_report
 
-
-def _size_of(parquet: Path) -> int:
-    import pyarrow.parquet as pq
-
-    meta = pq.read_schema(parquet).metadata or {}
-    try:
-        return int(json.loads(meta[b"painterbot.encoder_config"])["size"])
-    except (KeyError, ValueError, TypeError):
-        return 256
+        report, _ = write_report(out, out.parent / "gallery.html")
+        print(f"[demo] gallery (photos beside paintings, PSNR, throughput, a timelapse): {report.resolve()}")

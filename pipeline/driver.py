@@ -30,7 +30,7 @@ import encoder
 from . import storage
 from .cluster import NoWorkers, WorkerPool, cluster_gpus, with_placement
 from .config import PipelineConfig, load_pipeline_config
-from .shards import Shard, clean_temp, expected_samples, make_shards, plan
+from .shards import META_DIR, Shard, clean_temp, expected_samples, make_shards, plan
 from .worker import ShardEncoder
 from .writer import write_json_atomic
 
@@ -38,7 +38,7 @@ CODE_ROOT = Path(__file__).resolve().parent.parent  # the folder holding pipelin
 
 # Fault injection for tests: a marker path; the first worker to reach it dies once.
 CRASH_ONCE_ENV = "PAINTERBOT_CRASH_ONCE"
-SUMMARY_NAME = "_summary.json"
+SUMMARY_NAME = f"{META_DIR}/summary.json"  # beside the stats files, out of the data readers' way
 
 
 @dataclass

@@ -46,6 +46,7 @@ class Record:
     status: str = "ok"
     error_message: str | None = None
     target: torch.Tensor | None = None  # [3, S, S] float32 in [0, 1]
+    meta: dict | None = None  # the sample's parsed .json (img2dataset's fields and the user's extra columns)
 
 
 class SampleError(Exception):
@@ -97,14 +98,18 @@ def _text(data: bytes | None) -> str | None:
     return None if data is None else data.decode("utf-8", errors="replace")
 
 
-def _url(data: bytes | None) -> str | None:
+def _meta(data: bytes | None) -> dict | None:
     if not data:
         return None
     try:
         meta = json.loads(data)
     except ValueError:
         return None  # metadata is a nicety; a broken .json does not fail the image
-    url = meta.get("url") if isinstance(meta, dict) else None
+    return meta if isinstance(meta, dict) else None
+
+
+def _url(meta: dict | None) -> str | None:
+    url = (meta or {}).get("url")
     return url if isinstance(url, str) else None
 
 
@@ -224,7 +229,8 @@ class ShardReader:
     # -- decoded records -------------------------------------------------------------
     def decode(self, sample: dict) -> Record:
         """One raw sample -> Record; never raises."""
-        record = Record(key=sample["__key__"], caption=_text(sample.get("txt")), url=_url(sample.get("json")))
+        meta = _meta(sample.get("json"))
+        record = Record(key=sample["__key__"], caption=_text(sample.get("txt")), url=_url(meta), meta=meta)
         ext = next((e for e in IMAGE_EXTS if e in sample), None)
         if ext is None:
             record.status = "missing_image"

@@ -19,8 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from braceexpand import braceexpand
-
 from . import storage
 
 TAR_SUFFIXES = (".tar.gz", ".tar.zst", ".tar.bz2", ".tar.xz", ".tgz", ".tar")
@@ -46,6 +44,10 @@ def expand_specs(specs: str | list[str] | tuple[str, ...]) -> list[str]:
     Several specs may be given (a list, or one string separated by whitespace is
     NOT split: a ``pipe:`` command contains spaces). Order is kept, duplicates dropped.
     """
+    # Imported here: the writer imports this module for its paths, and reading or writing output
+    # files (benchmarks on a bare GPU box) should need only torch, numpy, pillow and pyarrow.
+    from braceexpand import braceexpand
+
     if isinstance(specs, str):
         specs = [specs]
     urls: list[str] = []
@@ -107,8 +109,19 @@ def parquet_path(out_dir: str | Path, sid: str) -> Path:
     return storage.location(out_dir) / f"{sid}.parquet"
 
 
+# Everything that is not a Parquet data file lives in this folder, so that readers pointed at the
+# output folder see only data: pyarrow.dataset (and pandas, Ray Data through it) skip names
+# starting with "_" or ".", and Hugging Face datasets skips folders starting with "__" (a single
+# "_" is not enough for it: its stats files would outnumber the Parquet files and win the builder).
+META_DIR = "__painterbot__"
+
+
+def meta_dir(out_dir: str | Path) -> Path:
+    return storage.location(out_dir) / META_DIR
+
+
 def stats_path(out_dir: str | Path, sid: str) -> Path:
-    return storage.location(out_dir) / f"{sid}_stats.json"
+    return meta_dir(out_dir) / f"{sid}_stats.json"
 
 
 def temp_path(final: Path, tag: str) -> Path:
@@ -118,9 +131,11 @@ def temp_path(final: Path, tag: str) -> Path:
 
 
 def temp_files(out_dir: str | Path, sid: str) -> list[Path]:
-    """Leftovers of interrupted attempts at shard ``sid`` (from one listing of the folder)."""
-    prefixes = (f".{sid}.parquet.", f".{sid}_stats.json.")
-    return sorted((p for p in storage.location(out_dir).glob(".*.tmp") if p.name.startswith(prefixes)), key=str)
+    """Leftovers of interrupted attempts at shard ``sid`` (one listing of each folder they may be in)."""
+    stats = stats_path(out_dir, sid)
+    found = [p for p in storage.location(out_dir).glob(".*.tmp") if p.name.startswith(f".{sid}.parquet.")]
+    found += [p for p in stats.parent.glob(".*.tmp") if p.name.startswith(f".{stats.name}.")]
+    return sorted(found, key=str)
 
 
 def clean_temp(out_dir: str | Path, sid: str) -> int:

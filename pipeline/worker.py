@@ -293,6 +293,7 @@ class ShardEncoder:
                 "height": record.height,
                 "status": record.status,
                 "error_message": record.error_message,
+                "meta": record.meta,  # the writer keeps img2dataset's fields beside the strokes
             }
             row.update(fits.get(id(record), {}))
             rows.append(row)

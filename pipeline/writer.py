@@ -24,15 +24,25 @@ from encoder import STROKE_FIELDS
 from . import storage
 from .shards import parquet_path, stats_path, temp_path
 
-FORMAT_VERSION = "1"
-COLUMNS = ("key", "caption", "url", "width", "height", "status", "error_message",
-           "strokes", "background", "psnr", "fit_seconds")  # fmt: skip
+FORMAT_VERSION = "2"
+COLUMNS = ("key", "caption", "url", "width", "height", "original_width", "original_height", "sha256", "crop_box",
+           "status", "error_message", "strokes", "background", "psnr", "fit_seconds", "extra")  # fmt: skip
 META_PREFIX = "painterbot."
+# Fields of img2dataset's per-sample .json that are columns already (or img2dataset's own download
+# status, which would be confused with ours); every other field goes to the ``extra`` column.
+_JSON_AS_COLUMNS = {"url", "key", "caption", "status", "error_message", "width", "height", "original_width",
+                    "original_height", "sha256"}  # fmt: skip
 
 
-def strokes_type(n_strokes: int) -> pa.DataType:
-    """``[N, 10]`` float32 per row; readers without the extension see fixed_size_list<float>[N*10]."""
-    return pa.fixed_shape_tensor(pa.float32(), [n_strokes, len(STROKE_FIELDS)])
+def strokes_type() -> pa.DataType:
+    """``[N, 10]`` float32 per row as a list of fixed-size lists.
+
+    Nested lists are the one layout every reader keeps (pyarrow, pandas, DuckDB's
+    ``FLOAT[10][]``, Ray Data, Hugging Face datasets' nested ``List``); Arrow's
+    fixed-shape-tensor extension (format 1) is refused by datasets and flattened by pandas.
+    The outer list also lets rows of one folder carry different stroke counts.
+    """
+    return pa.list_(pa.list_(pa.float32(), len(STROKE_FIELDS)))
 
 
 def make_schema(n_strokes: int, metadata: dict[str, str] | None = None) -> pa.Schema:
@@ -43,12 +53,17 @@ def make_schema(n_strokes: int, metadata: dict[str, str] | None = None) -> pa.Sc
         pa.field("url", pa.string()),
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
+        pa.field("original_width", pa.int32()),
+        pa.field("original_height", pa.int32()),
+        pa.field("sha256", pa.string()),
+        pa.field("crop_box", pa.list_(pa.float32(), 4)),
         pa.field("status", pa.string(), nullable=False),
         pa.field("error_message", pa.string()),
-        pa.field("strokes", strokes_type(n_strokes)),
+        pa.field("strokes", strokes_type()),
         pa.field("background", pa.list_(pa.float32(), 3)),
         pa.field("psnr", pa.float32()),
         pa.field("fit_seconds", pa.float32()),
+        pa.field("extra", pa.string()),
     ]
     meta = {
         f"{META_PREFIX}format_version": FORMAT_VERSION,
@@ -62,6 +77,34 @@ def make_schema(n_strokes: int, metadata: dict[str, str] | None = None) -> pa.Sc
 def encoder_metadata(config) -> dict[str, str]:
     """File metadata recording the encoder settings that made the rows (an ``encoder.FitConfig``)."""
     return {"encoder_config": json.dumps(dataclasses.asdict(config), sort_keys=True, default=str)}
+
+
+def center_crop_box(width: int | None, height: int | None) -> list[float] | None:
+    """The square the fit target was cut from, ``[left, top, right, bottom]`` in the image's pixels.
+
+    The encoder's ``center_crop_resize`` scales the short side to S and keeps the centre square, so
+    the box is the centred min(w, h) square (to within the one-pixel rounding of the resize).
+    """
+    if not width or not height:
+        return None
+    side = min(width, height)
+    left, top = (width - side) / 2, (height - side) / 2
+    return [left, top, left + side, top + side]
+
+
+def _meta_columns(meta: dict | None) -> dict:
+    """img2dataset's .json -> original_width, original_height, sha256 and ``extra`` (the rest, as JSON)."""
+    meta = meta or {}
+
+    def integer(name):
+        value = meta.get(name)
+        return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    rest = {k: v for k, v in meta.items() if k not in _JSON_AS_COLUMNS}
+    sha = meta.get("sha256")
+    return {"original_width": integer("original_width"), "original_height": integer("original_height"),
+            "sha256": sha if isinstance(sha, str) else None,
+            "extra": json.dumps(rest, sort_keys=True, default=str) if rest else None}  # fmt: skip
 
 
 def _fixed_list(rows: list, width: int) -> pa.Array:
@@ -81,18 +124,34 @@ def _fixed_list(rows: list, width: int) -> pa.Array:
     return pa.Array.from_buffers(pa.list_(pa.float32(), width), len(rows), [validity], children=[child])
 
 
+def _stroke_lists(rows: list) -> pa.Array:
+    """Rows of ``[N_i, 10]`` strokes (or None) -> list<fixed_size_list<float32, 10>>, nulls where None."""
+    width = len(STROKE_FIELDS)
+    arrays = [np.asarray(r, dtype=np.float32).reshape(-1, width) for r in rows if r is not None]
+    lengths = np.array([0 if r is None else len(np.asarray(r).reshape(-1, width)) for r in rows], dtype=np.int32)
+    values = np.concatenate(arrays) if arrays else np.zeros((0, width), np.float32)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    inner = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), type=pa.float32()), width)
+    mask = pa.array([r is None for r in rows], type=pa.bool_())
+    return pa.ListArray.from_arrays(offsets, inner, type=strokes_type(), mask=mask)
+
+
 def rows_to_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
-    """Row dicts (keys of COLUMNS; strokes ``[N, 10]`` array or None) -> a Table of ``schema``."""
-    stroke_type = schema.field("strokes").type
-    n_values = int(np.prod(stroke_type.shape))
+    """Row dicts -> a Table of ``schema``.
+
+    A row has keys of COLUMNS (strokes an ``[N, 10]`` array or None) and optionally ``meta``, the
+    sample's parsed .json, from which original_width, original_height, sha256 and extra are taken;
+    crop_box is derived from width and height.
+    """
+    rows = [{**row, **_meta_columns(row.get("meta")), "crop_box": center_crop_box(row.get("width"), row.get("height"))}
+            for row in rows]  # fmt: skip
     columns = {}
     for name in COLUMNS:
         values = [row.get(name) for row in rows]
         if name == "strokes":
-            storage = _fixed_list(values, n_values)
-            columns[name] = pa.ExtensionArray.from_storage(stroke_type, storage)
-        elif name == "background":
-            columns[name] = _fixed_list(values, 3)
+            columns[name] = _stroke_lists(values)
+        elif name in ("background", "crop_box"):
+            columns[name] = _fixed_list(values, schema.field(name).type.list_size)
         else:
             columns[name] = pa.array(values, type=schema.field(name).type)
     return pa.Table.from_pydict(columns, schema=schema)
@@ -101,6 +160,7 @@ def rows_to_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
 def write_json_atomic(path: str | Path, data: dict) -> Path:
     """Write JSON under a temporary sibling name, then commit it to ``path`` (local or object store)."""
     path = storage.location(path)
+    path.parent.mkdir(parents=True, exist_ok=True)  # the output's __painterbot__ folder, on first use
     tmp = temp_path(path, uuid.uuid4().hex[:12])
     payload = (json.dumps(data, indent=2, sort_keys=True, default=str) + "\n").encode("utf-8")
     try:

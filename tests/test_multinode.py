@@ -3,7 +3,7 @@
 run_encode.py joins it with --address, as on a real cluster. A node leaves mid-run
 (its worker dies mid-shard: the shard is retried elsewhere) and another joins
 (it gets workers and shards); the output holds every sample exactly once and
-_summary.json says what was retried, why, and where the workers ran.
+__painterbot__/summary.json says what was retried, why, and where the workers ran.
 """
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def test_node_leaves_and_node_joins_mid_run_exactly_once(tmp_path, ray_env):
             return found.group(1) if found else None
 
         def shards_done_by(worker: str) -> list[str]:
-            return [p.name for p in out.glob("*_stats.json") if json.loads(p.read_text())["worker"] == worker]
+            return [p.name for p in (out / "__painterbot__").glob("*_stats.json") if json.loads(p.read_text())["worker"] == worker]
 
         worker_b = _wait_for("a worker on node B", lambda: worker_on(node_b), deadline, driver, log_path)
         _wait_for(f"{worker_b} to finish a shard", lambda: shards_done_by(worker_b), deadline, driver, log_path)
@@ -100,10 +100,10 @@ def test_node_leaves_and_node_joins_mid_run_exactly_once(tmp_path, ray_env):
     # Every sample exactly once, nothing temporary left behind.
     for sid, tar in tars.items():
         assert pq.read_table(out / f"{sid}.parquet", columns=["key"])["key"].to_pylist() == list(tar_samples(tar))
-        assert json.loads((out / f"{sid}_stats.json").read_text())["rows"] == 3
+        assert json.loads((out / "__painterbot__" / f"{sid}_stats.json").read_text())["rows"] == 3
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
-    summary = json.loads((out / "_summary.json").read_text())
+    summary = json.loads((out / "__painterbot__" / "summary.json").read_text())
     assert summary["shards_encoded"] == len(tars) and summary["shards_failed"] == 0
     # The shard node B held was retried, and the summary says so and why.
     retried = summary["retried_shards"]
@@ -113,7 +113,7 @@ def test_node_leaves_and_node_joins_mid_run_exactly_once(tmp_path, ray_env):
     nodes = summary["cluster"]["nodes"]
     assert {node_b.node_id, node_c.node_id} <= set(nodes) and len(nodes) == 3, nodes
     assert all(Path(info["code"]).is_relative_to(REPO) for info in nodes.values()), nodes
-    by_worker = {json.loads(p.read_text())["worker"] for p in out.glob("*_stats.json")}
+    by_worker = {json.loads(p.read_text())["worker"] for p in (out / "__painterbot__").glob("*_stats.json")}
     assert by_worker & set(nodes[node_c.node_id]["workers"]), (by_worker, nodes)
     assert worker_b in by_worker and summary["cluster"]["workers_lost"] >= 1
     assert summary["cluster"]["workers_peak"] == 3

@@ -26,6 +26,8 @@ import torch
 
 from encoder.strokes import FIELDS, validate
 from pipeline.dataset import StrokeDataset
+from pipeline.driver import SUMMARY_NAME
+from pipeline.shards import META_DIR, stats_path
 from pipeline_samples import REPO, bad_samples, photo, run_encode, tiny_config, write_tar
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "immunohistochemistry"]
@@ -83,6 +85,10 @@ def _readable_members(path: Path) -> dict[str, dict[str, bytes]]:
     return out
 
 
+def _files(out: Path) -> dict[str, tuple[int, bytes]]:
+    return {str(p.relative_to(out)): (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()}
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
@@ -107,9 +113,9 @@ def run(tmp_path_factory):
             "--strokes", "10", "--size", "32", "--batch-size", "4"]  # fmt: skip
     first = run_encode(args)
     print(first.stdout[-3000:], first.stderr[-6000:])
-    snapshot = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()}
+    snapshot = _files(out)
     second = run_encode(args)
-    after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()}
+    after = _files(out)
     return {"tmp": tmp, "inputs": inputs, "out": out, "planted": planted, "first": first, "second": second,
             "snapshot": snapshot, "after": after}  # fmt: skip
 
@@ -121,8 +127,8 @@ def _rows(out: Path, sid: str) -> list[dict]:
 def test_every_sample_once_with_its_caption(run):
     assert run["first"].returncode == 0, run["first"].stderr[-4000:]
     out, inputs = run["out"], run["inputs"]
-    assert sorted(p.name for p in out.iterdir()) == sorted(
-        [f"{i:05d}.parquet" for i in range(4)] + [f"{i:05d}_stats.json" for i in range(4)] + ["_summary.json"]
+    assert sorted(_files(out)) == sorted(
+        [f"{i:05d}.parquet" for i in range(4)] + [f"{META_DIR}/{i:05d}_stats.json" for i in range(4)] + [SUMMARY_NAME]
     )  # no temporary file left behind
     for sid in ("00000", "00001", "00002", "00003"):
         members = _readable_members(inputs / f"{sid}.tar")
@@ -146,7 +152,7 @@ def test_bad_samples_become_rows_with_messages(run):
         else:
             assert row["error_message"] and row["strokes"] is None and row["psnr"] is None
     assert rows[next(s["key"] for s in run["planted"] if s["caption"] is None)]["caption"] is None
-    stats = json.loads((run["out"] / "00001_stats.json").read_text())
+    stats = json.loads(stats_path(run["out"], "00001").read_text())
     assert stats["status_counts"]["decode_error"] == 3 and stats["status_counts"]["too_small"] == 1
     assert stats["status_counts"]["too_large"] == 1 and stats["status_counts"]["missing_image"] == 1
     assert len(stats["sample_errors"]) == stats["failed"] and not stats["errors"]
@@ -158,15 +164,14 @@ def test_ok_rows_hold_valid_strokes(run):
     config = json.loads(meta[b"painterbot.encoder_config"])
     assert (config["strokes"], config["size"]) == (10, 32)  # the flags won over the config file
     assert json.loads(meta[b"painterbot.stroke_fields"]) == list(FIELDS)
-    assert meta[b"painterbot.format_version"] == b"1"
-    table = pq.read_table(out / "00001.parquet")
-    assert isinstance(table.schema.field("strokes").type, pa.FixedShapeTensorType)
+    assert meta[b"painterbot.format_version"] == b"2"
     downloaded = 0
     for sid in ("00000", "00001", "00002"):
         for row in _rows(out, sid):
             if row["status"] != "ok":
                 continue
-            strokes = torch.tensor(row["strokes"], dtype=torch.float32).reshape(10, 10)
+            strokes = torch.tensor(row["strokes"], dtype=torch.float32)
+            assert strokes.shape == (10, 10)
             validate(strokes)  # finite and inside every field's range
             assert all(0 <= c <= 1 for c in row["background"])
             assert math.isfinite(row["psnr"]) and row["psnr"] > 8 and row["fit_seconds"] > 0
@@ -176,12 +181,12 @@ def test_ok_rows_hold_valid_strokes(run):
 
 def test_stream_errors_empty_shards_and_summary(run):
     out = run["out"]
-    cut = json.loads((out / "00002_stats.json").read_text())
+    cut = json.loads(stats_path(out, "00002").read_text())
     assert cut["errors"] and cut["truncated"] and cut["total"] == len(_rows(out, "00002"))
-    empty = json.loads((out / "00003_stats.json").read_text())
+    empty = json.loads(stats_path(out, "00003").read_text())
     assert empty["total"] == 0 and pq.read_table(out / "00003.parquet").num_rows == 0 and not empty["errors"]
-    summary = json.loads((out / "_summary.json").read_text())
-    stats = [json.loads((out / f"{i:05d}_stats.json").read_text()) for i in range(4)]
+    summary = json.loads((out / SUMMARY_NAME).read_text())
+    stats = [json.loads(stats_path(out, f"{i:05d}").read_text()) for i in range(4)]
     assert summary["shards_encoded"] == 4 and summary["shards_failed"] == 0
     assert summary["images"] == sum(s["total"] for s in stats) and summary["ok"] == sum(s["ok"] for s in stats)
     assert summary["shards_with_stream_errors"] == ["00002"]

@@ -46,7 +46,7 @@ def test_shard_specs_expand_and_name(tmp_path):
 def test_plan_resume_and_overwrite(tmp_path):
     shards = S.make_shards([str(tmp_path / f"in/{i:05d}.tar") for i in range(3)])
     out = tmp_path / "out"
-    out.mkdir()
+    S.meta_dir(out).mkdir(parents=True)
     S.parquet_path(out, "00000").write_bytes(b"x")
     S.stats_path(out, "00000").write_text("{}")
     S.parquet_path(out, "00001").write_bytes(b"x")  # parquet without stats: killed before the marker
@@ -153,16 +153,17 @@ def test_writer_is_atomic_and_keeps_the_schema(tmp_path):
     assert not list(tmp_path.glob("*.parquet"))  # the partial file is invisible to *.parquet
     stats = writer.commit({"total": 3})
     assert final.exists() and not writer.tmp.exists() and stats["rows"] == 3
-    assert json.loads((tmp_path / "00007_stats.json").read_text())["rows"] == 3
+    assert json.loads(S.stats_path(tmp_path, "00007").read_text())["rows"] == 3
+    assert [p.name for p in tmp_path.iterdir()] and all(p.suffix == ".parquet" or p.name == S.META_DIR for p in tmp_path.iterdir())
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     table = pq.read_table(final)
-    assert table.column_names == ["key", "caption", "url", "width", "height", "status", "error_message",
-                                  "strokes", "background", "psnr", "fit_seconds"]  # fmt: skip
-    assert isinstance(table.schema.field("strokes").type, pa.FixedShapeTensorType)
-    assert table.schema.field("strokes").type.shape == [5, 10]
+    assert table.column_names == ["key", "caption", "url", "width", "height", "original_width", "original_height",
+                                  "sha256", "crop_box", "status", "error_message", "strokes", "background", "psnr",
+                                  "fit_seconds", "extra"]  # fmt: skip
+    assert table.schema.field("strokes").type == pa.list_(pa.list_(pa.float32(), 10))
     meta = table.schema.metadata
     assert json.loads(meta[b"painterbot.stroke_fields"]) == list(FIELDS)
-    assert meta[b"painterbot.format_version"] == b"1" and b"painterbot.encoder_config" in meta
+    assert meta[b"painterbot.format_version"] == b"2" and b"painterbot.encoder_config" in meta
     rows = table.to_pylist()
     assert rows[1]["strokes"] is None and rows[1]["background"] is None and rows[1]["error_message"] == "bad bytes"
     assert read_row(final, "c")["strokes"].shape == (5, 10)
