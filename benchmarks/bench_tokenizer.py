@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import encoder  # noqa: E402
 from pipeline.columns import encoder_size, file_metadata, open_file, parquet_files, read_rows  # noqa: E402
-from pipeline.tokenizer import StrokeTokenizer  # noqa: E402
+from pipeline.tokenizer import DEFAULT_BINS, FIELDS, StrokeTokenizer  # noqa: E402
 from pipeline.writer import ParquetRowWriter, encoder_metadata  # noqa: E402
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -76,9 +76,31 @@ def shard_targets(source: str | None, keys: set[str], size: int) -> dict[str, to
     return found
 
 
-def measure(files: list[str], targets: dict[str, torch.Tensor], bins_list: list[int], device: str, limit: int,
+def parse_bins(spec: str) -> int | dict:
+    """``"256"`` -> 256; ``"cx=1024,cy=1024,512"`` -> those fields at their counts, the rest at 512;
+    ``"default"`` -> the tokenizer's own default bins."""
+    if spec == "default":
+        return StrokeTokenizer().bins_spec
+    if spec.isdigit():
+        return int(spec)
+    rest, fields = DEFAULT_BINS, {}
+    for part in spec.split(","):
+        name, sep, value = part.partition("=")
+        if sep:
+            fields[name] = int(value)
+        else:
+            rest = int(name)
+    return {f: fields.get(f, rest) for f in FIELDS}
+
+
+def per_field_specs(bins: int) -> list[str]:
+    """One field at ``bins``, every other field so fine that it costs nothing: which field's bins matter."""
+    return [f"{f}={bins},{1 << 20}" for f in FIELDS]
+
+
+def measure(files: list[str], targets: dict[str, torch.Tensor], bins_list: list[str], device: str, limit: int,
             chunk: int = 16) -> list[dict]:  # fmt: skip
-    tokenizers = {bins: StrokeTokenizer(bins=bins) for bins in bins_list}
+    tokenizers = {bins: StrokeTokenizer(bins=parse_bins(bins)) for bins in bins_list}
     sums = {bins: {"vs_painting": [], "loss_vs_photo": []} for bins in bins_list}
     seen = 0
     for path in files:
@@ -123,7 +145,9 @@ def main() -> int:
     ap.add_argument("--fit", type=int, metavar="N", help="fit N bundled photos first and measure those")
     ap.add_argument("--out", type=Path, default=Path(".bench/tokenizer"), help="where --fit writes its Parquet file")
     ap.add_argument("--config", default="default", help="preset for --fit (default: 1000 strokes at 512)")
-    ap.add_argument("--bins", type=int, nargs="+", default=[128, 256, 512], help="bin counts to measure")
+    ap.add_argument("--bins", nargs="+", default=["default", "128", "256", "512"],
+                    help="bin specs to measure: N, default (the tokenizer's), or field=N,...,N_rest")
+    ap.add_argument("--per-field", type=int, metavar="N", help="also measure each field alone at N bins")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--limit", type=int, default=256, help="paintings measured at most")
     ap.add_argument("--json", type=Path)
@@ -139,13 +163,14 @@ def main() -> int:
         files = [str(path)]
     else:
         files = parquet_files(args.source)
-    results = measure(files, targets, args.bins, device, args.limit)
-    print(f"{'bins':>5} {'vocab':>6} {'tokens/1000':>11} {'n':>4} {'PSNR vs painting':>17} {'loss vs photo':>14} "
+    specs = args.bins + (per_field_specs(args.per_field) if args.per_field else [])
+    results = measure(files, targets, specs, device, args.limit)
+    print(f"{'bins':>22} {'vocab':>8} {'tokens/1000':>11} {'n':>4} {'PSNR vs painting':>17} {'loss vs photo':>14} "
           f"{'worst':>7}")  # fmt: skip
     for r in results:
         loss = "-" if r["psnr_loss_vs_photo_db"] is None else f"{r['psnr_loss_vs_photo_db']:.3f} dB"
         worst = "-" if r["worst_loss_vs_photo_db"] is None else f"{r['worst_loss_vs_photo_db']:.3f}"
-        print(f"{r['bins']:>5} {r['vocab_size']:>6} {r['tokens_per_1000_strokes']:>11} {r['paintings']:>4} "
+        print(f"{r['bins']:>22} {r['vocab_size']:>8} {r['tokens_per_1000_strokes']:>11} {r['paintings']:>4} "
               f"{r['psnr_vs_painting_db']:>14.2f} dB {loss:>14} {worst:>7}")  # fmt: skip
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -67,15 +67,20 @@ def check_graphed_fit(dev: torch.device) -> None:
     worst = max((g.group_psnr - eager.group_psnr).abs().max().item() for g in graphed)
     print(f"fit, groups as CUDA graphs vs eager: PSNR per group {eager.group_psnr.mean():.2f} dB, "
           f"worst difference {worst:.3f} dB (tol 0.05)  {'PASS' if worst < 0.05 else 'FAIL'}")
-    # The joint passes (stage-end and final) are captured too: same check on the final PSNR.
+    # The joint passes (stage-end and final) are captured too: same check on the final PSNR. A joint
+    # step moves every stroke at once, so the last-bit differences of the atomics spread further than
+    # in a group: the yardstick is how far two eager runs land apart, and graphed runs may differ
+    # from eager by twice that, or by 0.1 dB, whichever is larger.
     config = replace(config, stage_refine=20, refine=[[0.5, 20], [1.0, 30]], refine_lr=0.003)
-    eager = fit_batch(targets, replace(config, cuda_graphs=False), device=dev, seed=1)
+    eager = [fit_batch(targets, replace(config, cuda_graphs=False), device=dev, seed=1) for _ in range(2)]
     graphed = [fit_batch(targets, config, device=dev, seed=1) for _ in range(2)]
-    worst = max((g.psnr - eager.psnr).abs().max().item() for g in graphed)
-    gain = (eager.psnr - eager.group_psnr[:, -1]).mean().item()
-    print(f"fit with joint refinement, graphed vs eager: final PSNR {eager.psnr.mean():.2f} dB ({gain:+.2f} from the "
-          f"final pass), worst difference {worst:.3f} dB (tol 0.05)  {'PASS' if worst < 0.05 else 'FAIL'}")
-
+    noise = (eager[1].psnr - eager[0].psnr).abs().max().item()
+    worst = max((g.psnr - eager[0].psnr).abs().max().item() for g in graphed)
+    tol = max(0.1, 2 * noise)
+    gain = (eager[0].psnr - eager[0].group_psnr[:, -1]).mean().item()
+    print(f"fit with joint refinement, graphed vs eager: final PSNR {eager[0].psnr.mean():.2f} dB ({gain:+.2f} from "
+          f"the final pass), worst difference {worst:.3f} dB, eager vs eager {noise:.3f} dB (tol {tol:.3f})  "
+          f"{'PASS' if worst <= tol else 'FAIL'}")
 
 if __name__ == "__main__":
     main()

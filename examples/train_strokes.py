@@ -159,7 +159,7 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--bins", type=int, default=256)
+    ap.add_argument("--bins", type=int, default=None, help="bins for every field (default: the tokenizer's per-field bins)")
     ap.add_argument("--workers", type=int, default=0, help="DataLoader workers (0: read in the training process)")
     ap.add_argument("--min-psnr", type=float)
     ap.add_argument("--device", default="auto")

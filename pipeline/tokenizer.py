@@ -29,6 +29,10 @@ FIELDS = encoder.STROKE_FIELDS
 WIDTH = len(FIELDS)
 COLOR_FIELDS = (FIELDS.index("r"), FIELDS.index("g"), FIELDS.index("b"))
 DEFAULT_BINS = 256
+# Position and angle get finer bins: a stroke of a 1000-stroke, 512 px painting is a few pixels
+# thick, so a position off by half of one of 256 bins (1 px) already shows (benchmarks/RESULTS.md,
+# "Stroke tokenizer", measured each field alone). The other fields are fine at 256.
+DEFAULT_FIELD_BINS = {"cx": 2048, "cy": 2048, "rot": 1024}
 DEFAULT_LOG_FIELDS = ("mu_r", "sigma_r", "sigma_t")
 
 
@@ -37,12 +41,14 @@ def _as_numpy(x) -> np.ndarray:
 
 
 class StrokeTokenizer:
-    """bins: one int for every field, or a dict field -> bins (others DEFAULT_BINS).
+    """bins: one int for every field, or a dict field -> bins (others DEFAULT_BINS); by default
+    DEFAULT_FIELD_BINS.
     log_fields: fields quantised on a log scale. group_size: strokes between GROUP tokens.
     aspect: W / H of the paintings (the upper bound of cx)."""
 
-    def __init__(self, bins: int | dict = DEFAULT_BINS, log_fields=DEFAULT_LOG_FIELDS, group_size: int = 100,
+    def __init__(self, bins: int | dict | None = None, log_fields=DEFAULT_LOG_FIELDS, group_size: int = 100,
                  aspect: float = 1.0):  # fmt: skip
+        bins = DEFAULT_FIELD_BINS if bins is None else bins
         per_field = bins if isinstance(bins, dict) else {}
         unknown = set(per_field) - set(FIELDS) | set(log_fields) - set(FIELDS)
         if unknown:
@@ -56,6 +62,7 @@ class StrokeTokenizer:
         lo, hi = (b.double().numpy() for b in encoder.stroke_bounds(aspect))
         self._lo = np.where(self.log, np.log(np.maximum(lo, 1e-12)), lo)
         self._hi = np.where(self.log, np.log(hi), hi)
+        self.bins_spec = dict(zip(FIELDS, self.bins.tolist()))
         self.offsets = len(SPECIALS) + np.concatenate([[0], np.cumsum(self.bins)[:-1]])
         self.vocab_size = int(len(SPECIALS) + self.bins.sum())
 
