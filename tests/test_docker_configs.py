@@ -93,6 +93,10 @@ def test_dockerfile_is_multistage_pinned_and_non_root():
     assert users and users[-1].split(":")[0] not in ("root", "0")
     assert any(w == "HEALTHCHECK" for w, _ in runtime["body"])
     assert any(w in ("CMD", "ENTRYPOINT") for w, _ in runtime["body"])
+    # Shards and output go through pyarrow (s3://, gs://) and requests (http): no curl in the image.
+    # wget stays: KubeRay's injected exec probes call it.
+    apt = re.search(r"apt-get install[^&]*", runtime_runs).group(0).split()
+    assert "curl" not in apt and "wget" in apt and "ca-certificates" in apt, apt
 
 
 def test_dockerignore_keeps_what_the_build_copies():
@@ -187,7 +191,19 @@ def test_cluster_yaml_content():
     assert "--env RAY_AUTH_MODE=token" in docker["run_options"]
     assert any("--head" in c for c in config["head_start_ray_commands"])
     assert any("$RAY_HEAD_IP:6379" in c for c in config["worker_start_ray_commands"])
-    assert "run_encode.py --address auto" in (DOCKER / "cluster.yaml").read_text()
+    text = (DOCKER / "cluster.yaml").read_text()
+    assert "run_encode.py --address auto" in text
+    _assert_object_storage_command(text)
+    # every container (the driver on the head too) gets the AWS env passed through
+    assert "--env AWS_ACCESS_KEY_ID" in docker["run_options"]
+
+
+def _assert_object_storage_command(text: str) -> None:
+    """The example reads s3:// shards and writes s3:// output, and holds nothing that needs a shell."""
+    assert re.search(r"--shards '?s3://\S+\.tar", text), "shards should be an s3:// URI"
+    assert re.search(r"--output s3://\S+", text), "output should be an s3:// URI"
+    # pipe: commands run without a shell (no $VAR expansion) and the image has no curl
+    assert "pipe:" not in text and "$AWS_" not in text
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,6 +244,11 @@ def test_rayjob_content():
         assert res["limits"]["nvidia.com/gpu"] == 8 and res["requests"]["nvidia.com/gpu"] == 8
     gpus = sum(g["replicas"] * 8 for g in cluster["workerGroupSpecs"])
     assert f"--gpus {gpus}" in spec["entrypoint"], "--gpus must match the worker GPUs"
+    _assert_object_storage_command(spec["entrypoint"])
+    # S3 credentials on the head (the driver lists and writes OUT/__painterbot__/) and on every worker
+    for pod in pods[:-1]:
+        container = pod["spec"]["containers"][0]
+        assert any("secretRef" in e for e in container.get("envFrom", [])), container["name"]
 
 
 # ----------------------------------------------------------------------------------------------
