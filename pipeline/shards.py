@@ -1,10 +1,14 @@
 """Shard specs, shard ids, done markers and resume.
 
-A shard spec is anything webdataset's ``gopen`` opens (a local path, ``file:``,
+A shard spec is anything ``sources.open_source`` opens (a local path, ``file:``,
 ``http(s)://``, ``pipe:CMD``), with img2dataset's brace ranges
 (``laion-art/{00000..00999}.tar``). A shard's id is the stem of its tar, so
 ``OUT/{id}.parquet`` sits beside the input's own ``{id}.tar`` naming, and
-``OUT/{id}_stats.json`` (written last) says the shard is done.
+``OUT/{id}_stats.json`` (written last) says the shard is done, once checked:
+the stats say the source was read whole, and the Parquet footer is readable
+and holds as many rows as the stats. The folder's settings file records what
+shapes its rows (format version, stroke count, size), so a resume with other
+settings is refused instead of mixing two kinds of rows.
 """
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from braceexpand import braceexpand
+
+from .sources import local_path, scheme
 
 TAR_SUFFIXES = (".tar.gz", ".tar.zst", ".tar.bz2", ".tar.xz", ".tgz", ".tar")
 URL_SCHEMES = ("http://", "https://", "pipe:", "file:", "s3://", "gs://", "ais://", "sftp://", "scp://", "ftps://")
@@ -33,7 +39,7 @@ class Shard:
 
 
 def _is_url(spec: str) -> bool:
-    return spec.startswith(URL_SCHEMES)
+    return spec.startswith(URL_SCHEMES) or scheme(spec) != "file"
 
 
 def expand_specs(specs: str | list[str] | tuple[str, ...]) -> list[str]:
@@ -128,13 +134,42 @@ def clean_temp(out_dir: str | Path, sid: str) -> int:
     return removed
 
 
+def check_done(out_dir: str | Path, sid: str) -> str | None:
+    """None when shard ``sid`` is done; otherwise why not (no stats file, incomplete, damaged Parquet file).
+
+    The stats file is written after the Parquet file is in place, but a file
+    can still be damaged later (a copy cut short, a full disk): the footer and
+    the row count are checked, which reads a few KB per shard.
+    """
+    stats_file, parquet = stats_path(out_dir, sid), parquet_path(out_dir, sid)
+    if not stats_file.is_file():
+        return "no stats file"
+    try:
+        stats = json.loads(stats_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return f"{stats_file.name} is unreadable ({exc})"
+    if not isinstance(stats, dict):
+        return f"{stats_file.name} is not a JSON object"
+    if stats.get("complete") is False:
+        return "incomplete: its source failed part-way last time"
+    import pyarrow.parquet as pq  # here: expanding specs needs no pyarrow
+
+    try:
+        rows = pq.read_metadata(parquet).num_rows
+    except Exception as exc:  # noqa: BLE001 - missing, cut short, not Parquet: all mean redo
+        return f"{parquet.name} is missing or unreadable ({type(exc).__name__}: {exc})"
+    if rows != stats.get("rows"):
+        return f"{parquet.name} holds {rows} rows, its stats file says {stats.get('rows')}"
+    return None
+
+
 def is_done(out_dir: str | Path, sid: str) -> bool:
-    """Done means the stats file exists: it is written after the Parquet file is in place."""
-    return stats_path(out_dir, sid).is_file() and parquet_path(out_dir, sid).is_file()
+    return check_done(out_dir, sid) is None
 
 
-def plan(shards: list[Shard], out_dir: str | Path, overwrite: bool = False) -> tuple[list[Shard], list[Shard]]:
-    """Split shards into (to do, already done).
+def plan(shards: list[Shard], out_dir: str | Path, overwrite: bool = False,
+         redo: dict[str, str] | None = None) -> tuple[list[Shard], list[Shard]]:  # fmt: skip
+    """Split shards into (to do, already done); ``redo`` receives why each shard with a stats file is redone.
 
     With ``overwrite`` every stats marker is removed first, so an overwrite run
     that is interrupted is finished by a plain rerun instead of leaving old and
@@ -144,9 +179,51 @@ def plan(shards: list[Shard], out_dir: str | Path, overwrite: bool = False) -> t
         for shard in shards:
             stats_path(out_dir, shard.id).unlink(missing_ok=True)
         return list(shards), []
-    todo = [s for s in shards if not is_done(out_dir, s.id)]
-    done = [s for s in shards if is_done(out_dir, s.id)]
+    todo, done = [], []
+    for shard in shards:
+        why = check_done(out_dir, shard.id)
+        (todo if why else done).append(shard)
+        if why and redo is not None and why != "no stats file":
+            redo[shard.id] = why
     return todo, done
+
+
+# -- the folder's settings ---------------------------------------------------------------
+SETTINGS_NAME = "_settings.json"
+
+
+def settings_path(out_dir: str | Path) -> Path:
+    """The output folder's record of what shapes its rows (format version, strokes, size)."""
+    return Path(out_dir) / SETTINGS_NAME
+
+
+def check_settings(out_dir: str | Path, wanted: dict, overwrite: bool) -> bool:
+    """Raise ValueError when the folder's rows were made with other settings; True if the file needs writing.
+
+    Rows of 20 and 30 strokes in one folder would make a dataset no loader can
+    batch; ``--overwrite`` replaces the listed shards and takes the new settings.
+    """
+    path = settings_path(out_dir)
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return True
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path} is unreadable ({exc}): fix or delete it") from None
+    if found == wanted:
+        return False
+    if overwrite:
+        return True
+    diff = ", ".join(f"{k} {found.get(k)!r} -> {wanted.get(k)!r}" for k in sorted(set(found) | set(wanted))
+                     if found.get(k) != wanted.get(k))  # fmt: skip
+    raise ValueError(f"{out_dir} holds rows made with other settings ({diff}); "
+                     "use --overwrite to redo the shards with the new ones, or a new --output folder")  # fmt: skip
+
+
+def missing_local(shards: list[Shard]) -> list[str]:
+    """Local shard paths that do not exist (a typo in a brace range should fail at once, not shard by shard)."""
+    paths = ((s.url, local_path(s.url)) for s in shards)
+    return [url for url, path in paths if path is not None and not os.path.isfile(path)]
 
 
 def expected_samples(shard: Shard) -> int | None:
