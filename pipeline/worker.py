@@ -227,9 +227,9 @@ class _Attempt:
         stats = self._stats()
         if self.source_error is None:
             return self.writer.commit(stats)
-        if self.writer.rows:
-            self.writer.commit(stats)
-            kept = f"; the {self.writer.rows} rows read before it are kept in {self.writer.final.name}, marked incomplete"
+        if self.tally.images:
+            rows = self.writer.commit(stats)["rows"]
+            kept = f"; the {rows} rows read before it are kept in {self.writer.final.name}, marked incomplete"
         else:
             self.writer.abort()
             kept = ""
