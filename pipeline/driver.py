@@ -24,7 +24,6 @@ import threading
 import time
 import traceback
 from collections import Counter, deque
-from contextlib import contextmanager
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import asdict, dataclass, field
@@ -332,10 +331,13 @@ def resolve_device(requested: str | None, gpus: int | None, local: bool = True) 
         if requested.startswith("cuda"):
             raise ValueError("--device cuda needs --gpus >= 1")
         return "cpu", 0
-    if not local:
-        return ("cuda", gpus) if requested.startswith("cuda") or gpus else ("cuda", None)
+    if requested.startswith("cuda") and not local:
+        return "cuda", gpus
     import torch
 
+    if not local:
+        # A cluster's GPUs are counted once attached; 'auto' follows this machine, as it always has.
+        return ("cpu", 0) if gpus is None and not torch.cuda.is_available() else ("cuda", gpus)
     available = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if requested == "auto" and gpus is None and not available:
         return "cpu", 0
@@ -448,8 +450,9 @@ def run(options: RunOptions) -> int:
             _log("nothing to do")
             return 0
         outcome = Outcome()
-        with _stop_signals() as stopped_by:
-            _encode(setup, todo, outcome)
+        with StopSignals() as stop:
+            _encode(setup, todo, outcome, stop)
+        stopped_by = stop.received
         summary = _summary(setup, skipped, outcome, started, stopped_by)
         write_json_atomic(Path(setup.out) / SUMMARY_NAME, summary)
     _print_summary(summary)
@@ -472,28 +475,40 @@ def _plan(setup: Setup) -> tuple[list[Shard], list[Shard]]:
     return todo, skipped
 
 
-@contextmanager
-def _stop_signals():
-    """SIGTERM (a scheduler, ``kill``) stops the run as Ctrl-C does; yields the signals received."""
-    received: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield received
-        return
+class StopSignals:
+    """SIGTERM (a scheduler, ``kill``) stops the run as Ctrl-C does; ``received`` lists the signals.
 
-    def stop(signum, frame):
-        if not received:  # once: a second signal must not break the summary being written
-            received.append(signum)
+    ``ray.init`` installs its own SIGTERM handler (``sys.exit``, no summary), so
+    ``arm`` is called again once Ray has started.
+    """
+
+    def __init__(self):
+        self.received: list[int] = []
+        self.previous = None
+
+    def _stop(self, signum, frame):
+        if not self.received:  # once: a second signal must not break the summary being written
+            self.received.append(signum)
             raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        try:
-            yield received
-        except KeyboardInterrupt:
-            received[:] = received or [signal.SIGINT]
+    def arm(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._stop)
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.getsignal(signal.SIGTERM)
+        self.arm()
+        return self
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+        if kind is not None and issubclass(kind, KeyboardInterrupt):
+            self.received[:] = self.received or [signal.SIGINT]
             _log("interrupted: finished shards are kept; rerun the same command to resume")
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+            return True
+        return False
 
 
 def _start_backend(setup: Setup):
@@ -522,18 +537,22 @@ class Outcome:
     dashboard_url: str | None = None
 
 
-def _encode(setup: Setup, todo: list[Shard], outcome: Outcome) -> None:
+def _encode(setup: Setup, todo: list[Shard], outcome: Outcome, stop: StopSignals) -> None:
     """Start the workers and hand the shards out until every one is done or has failed every attempt."""
     progress = Progress(todo, setup.options.progress)
-    backend = None
+    backend = dispatcher = None
     try:
         backend = _start_backend(setup)
+        stop.arm()
         outcome.workers, outcome.dashboard_url = backend.slots, backend.dashboard_url
-        Dispatcher(backend, setup, progress, outcome).run(todo)
+        dispatcher = Dispatcher(backend, setup, progress, outcome)
+        dispatcher.run(todo)
     finally:
         progress.close()
         if backend is not None:
             backend.shutdown()
+        for _, shard in (dispatcher.inflight.values() if dispatcher else ()):
+            clean_temp(setup.out, shard.id)  # interrupted attempts (their workers are gone, or going)
 
 
 class Dispatcher:
