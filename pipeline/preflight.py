@@ -108,6 +108,10 @@ def _check_shards(specs: list[str], out: str) -> list[Shard]:
         raise ValueError(f"no shards matched {specs}")
     for shard in shards:
         check_url(shard.url)
+        if shard.url.endswith(".tar.zst") and not shard.url.startswith("pipe:"):
+            # No zstd decoder in the standard library; a pipe: command may decompress it (zstd -dc).
+            raise ValueError(f"zstd-compressed shards are not supported: {shard.url} "
+                             "(decompress them, or pass pipe:zstd -dc FILE)")  # fmt: skip
     missing = missing_local(shards)
     if missing:
         raise ValueError(f"{len(missing)} of {len(shards)} local shards do not exist, e.g. {missing[0]}")

@@ -311,6 +311,13 @@ def test_5_settings_that_used_to_hang_are_refused_at_once(tmp_path, capsys, flag
     assert time.time() - start < 35
 
 
+def test_3_a_zstd_shard_is_refused_before_the_run(tmp_path, capsys):
+    (tmp_path / "00000.tar.zst").write_bytes(b"\x28\xb5\x2f\xfd" + bytes(100))
+    code, err = _main(["--shards", str(tmp_path / "00000.tar.zst"), "--output", str(tmp_path / "out"),
+                       "--config", "cpu_small", "--gpus", "0"], capsys)  # fmt: skip
+    assert code == 2 and "zstd-compressed shards are not supported" in err
+
+
 def test_5_a_brace_range_of_missing_files_is_refused_at_once(tmp_path, capsys):
     start = time.time()
     code, err = _main(["--shards", str(tmp_path / "{000000..099999}.tar"), "--output", str(tmp_path / "out"),
@@ -424,6 +431,13 @@ def test_8_a_second_driver_is_refused_and_a_stale_lock_is_taken_over(tmp_path):
     (out / LOCK_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "started_at": "then"}))
     assert run(_options(tmp_path, tars[:1], output=out, overwrite=True)) == 0
     assert not (out / LOCK_NAME).exists()
+    # Another host's lock cannot be checked from here: refused, naming it; so is one being written.
+    (out / LOCK_NAME).write_text(json.dumps({"host": "elsewhere", "pid": 1, "started_at": "then"}))
+    with pytest.raises(LockHeld, match="host elsewhere, pid 1, started then"):
+        run(_options(tmp_path, tars, output=out))
+    (out / LOCK_NAME).write_text("")
+    with pytest.raises(LockHeld, match="is empty"):
+        run(_options(tmp_path, tars, output=out))
 
 
 # -- 9: duplicates, exotic images, member limits, SIGTERM, one-line errors --------------------------------------
