@@ -146,10 +146,13 @@ class _Prefixed:
         self.head, self.raw = head, raw
 
     def read(self, n: int = -1) -> bytes:
-        if self.head:
-            data, self.head = (self.head, b"") if n < 0 or n >= len(self.head) else (self.head[:n], self.head[n:])
-            return data
-        return self.raw.read(n)
+        if not self.head:
+            return self.raw.read(n)
+        if n is None or n < 0:
+            data, self.head = self.head + self.raw.read(), b""
+        else:
+            data, self.head = self.head[:n], self.head[n:]
+        return data
 
 
 def _decompressed(raw):
