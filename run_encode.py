@@ -5,8 +5,12 @@
     python run_encode.py --shards 'shards/*.tar' --gpus 0 --workers 2 --config cpu_small
     python run_encode.py --demo
 
-Rerunning the same command resumes: shards with a stats file are skipped.
-Flags override values of the config file (``encoder:`` and ``pipeline:`` sections).
+Rerunning the same command resumes: shards whose stats file and Parquet file
+check out are skipped. Flags override values of the config file (``encoder:``
+and ``pipeline:`` sections). Every setting, flag, path and shard is checked
+before anything starts: a problem is one ``error:`` line and exit status 2.
+Exit status: 0 all shards done, 1 some failed (or the disk failed), 2 usage
+error or the output folder in use by another run, 130 Ctrl-C, 143 SIGTERM.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     io = p.add_argument_group("input and output")
     io.add_argument("--shards", nargs="+", metavar="SPEC",
                     help="shard specs: paths, globs, folders, brace ranges ('{00000..00999}.tar'), "
-                         "http(s):// or pipe: urls, s3:// gs:// or other fsspec URIs")  # fmt: skip
+                         "http(s):// urls, pipe:COMMAND (run without a shell), s3:// gs:// or other fsspec URIs")  # fmt: skip
     io.add_argument("--output", "-o", help=f"output folder or s3:// gs:// URI (default: {DEFAULT_OUTPUT}, "
                                            "or demo_out/strokes with --demo)")  # fmt: skip
     io.add_argument("--overwrite", action="store_true", help="redo shards that are already done")
@@ -87,6 +91,8 @@ def options_from_args(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from pipeline.lock import LockHeld
+
     try:
         from pipeline import demo
         from pipeline.driver import run
@@ -98,9 +104,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.demo:
             demo.show_demo(options)
         return code
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, LockHeld) as exc:
+        # Settings, flags, paths, shards, a folder held by another run: found before anything started.
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        # The disk or the system failed while running (a full disk writing the summary, ...).
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

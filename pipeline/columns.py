@@ -23,8 +23,11 @@ import torch
 import encoder
 
 from . import storage
+from .records import Status
 
 KNOWN_FORMATS = ("1", "2")
+# The loaders' default: rows with strokes (records.Status lists every status a row may have).
+OK_ONLY = (Status.OK.value,)
 WIDTH = len(encoder.STROKE_FIELDS)
 
 
@@ -102,11 +105,11 @@ def fixed_rows(column, shape: tuple[int, ...]) -> np.ndarray:
     return values[column.offset * size : (column.offset + len(column)) * size].reshape(-1, *shape)
 
 
-def keep_mask(table: pa.Table, statuses=("ok",), min_psnr: float | None = None) -> np.ndarray:
+def keep_mask(table: pa.Table, statuses=OK_ONLY, min_psnr: float | None = None) -> np.ndarray:
     """Rows whose status is one of ``statuses`` (None: any) and whose PSNR is at least ``min_psnr``."""
     keep = pa.array(np.ones(len(table), bool))
     if statuses is not None:
-        keep = pc.is_in(table["status"], value_set=pa.array(list(statuses), pa.string()))
+        keep = pc.is_in(table["status"], value_set=pa.array([Status(s).value for s in statuses], pa.string()))
     if min_psnr is not None:
         keep = pc.and_(keep, pc.fill_null(pc.greater_equal(table["psnr"], min_psnr), False))
     return np.asarray(_one_chunk(keep).to_numpy(zero_copy_only=False), dtype=bool)
@@ -145,7 +148,7 @@ def table_rows(table: pa.Table, columns, where: np.ndarray) -> list[dict]:
     return out
 
 
-def read_rows(handle: pq.ParquetFile, group: int, columns, statuses=("ok",), min_psnr: float | None = None) -> list[dict]:
+def read_rows(handle: pq.ParquetFile, group: int, columns, statuses=OK_ONLY, min_psnr: float | None = None) -> list[dict]:
     """The rows of one row group that pass the filter, reading only ``columns`` and the filter's."""
     table = handle.read_row_group(group, columns=filter_columns(columns, statuses, min_psnr))
     return table_rows(table, columns, np.flatnonzero(keep_mask(table, statuses, min_psnr)))

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import encoder
 
+from .sources import Timeouts
+
 DEFAULT_PRESET = "default"
 CPU_PRESET = "cpu_small"
 
@@ -59,11 +61,19 @@ class PipelineConfig:
     worker_start_timeout: float = 300.0
     # Sample error messages kept per shard in its stats file.
     max_error_messages: int = 50
+    # A tar member larger than this is not read: its sample becomes a too_large row. Bounds a
+    # worker's memory against a huge caption or image member (the pixel limit needs the bytes first).
+    max_member_bytes: int = 128 * 1024 * 1024
+    # Remote shards (http(s), pipe:): seconds to connect (or start the command), and seconds any one
+    # read may wait for data. A stalled source fails the attempt within them.
+    connect_timeout: float = 30.0
+    read_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         encoder.check_field_types(self, "pipeline")
         at_least_one = ("batch_size", "reader_threads", "prefetch_batches", "row_group_size", "workers",
-                        "cpus_per_worker", "max_image_pixels", "min_image_side", "max_error_messages")  # fmt: skip
+                        "cpus_per_worker", "max_image_pixels", "min_image_side", "max_error_messages",
+                        "max_member_bytes")  # fmt: skip
         for name in at_least_one:
             if getattr(self, name) < 1:
                 raise ValueError(f"pipeline.{name} must be >= 1, got {getattr(self, name)}")
@@ -75,9 +85,15 @@ class PipelineConfig:
             raise ValueError("pipeline.object_store_memory must be null or at least 78 MiB (Ray's minimum)")
         if not 0 < self.dashboard_port < 65536:
             raise ValueError(f"pipeline.dashboard_port must be a TCP port, got {self.dashboard_port}")
-        for name in ("progress_interval", "cluster_check_interval", "worker_start_timeout"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"pipeline.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("progress_interval", "cluster_check_interval", "worker_start_timeout", "connect_timeout",
+                     "read_timeout"):
+            if not 0 < getattr(self, name) < float("inf"):
+                raise ValueError(f"pipeline.{name} must be > 0 seconds (and finite), got {getattr(self, name)}")
+        if not self.dashboard_host:
+            raise ValueError("pipeline.dashboard_host must not be empty")
+
+    def timeouts(self) -> Timeouts:
+        return Timeouts(connect=self.connect_timeout, read=self.read_timeout)
 
 
 PIPELINE_KEYS = tuple(f.name for f in dataclasses.fields(PipelineConfig))

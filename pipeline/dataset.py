@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 from torch.utils.data import Dataset
 
 from . import storage
-from .columns import filter_columns, keep_mask, open_file, parquet_files, read_rows, table_rows
+from .records import Status
+from .columns import OK_ONLY, filter_columns, keep_mask, open_file, parquet_files, read_rows, table_rows
 
 DEFAULT_COLUMNS = ("key", "caption", "url", "strokes", "background", "psnr")
 
@@ -30,7 +31,7 @@ class StrokeDataset(Dataset):
     """
 
     def __init__(self, source, min_psnr: float | None = None, in_memory: bool = False, cache_row_groups: int = 4,
-                 columns=DEFAULT_COLUMNS, statuses=("ok",)):  # fmt: skip
+                 columns=DEFAULT_COLUMNS, statuses=OK_ONLY):  # fmt: skip
         self.files = parquet_files(source)
         self.columns, self.min_psnr, self.statuses = list(columns), min_psnr, statuses
         self.cache_row_groups = cache_row_groups
@@ -81,6 +82,6 @@ def read_row(path: str | Path, key: str) -> dict:
     if len(table) == 0:
         raise KeyError(f"{key!r} not in {path}")
     row = table_rows(table, table.column_names, np.arange(1))[0]
-    if row["status"] != "ok":
+    if row["status"] != Status.OK:
         row["strokes"] = row["background"] = None
     return row

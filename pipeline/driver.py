@@ -4,16 +4,24 @@ Shards are handed out one at a time: a worker that finishes asks for the next,
 so one slow shard never idles the others. A shard whose task raised is queued
 again, and a worker process that died (``RayActorError``, also when its whole
 node died) is replaced and its shard queued again, each shard at most
-``1 + max_retries`` times. A shard that still fails has no stats file, so the
-next run tries it again. On a Ray cluster the pool of workers follows the
-cluster (cluster.py): nodes that join get workers, lost workers come back
-where there is room.
+``1 + max_retries`` times. A shard that still fails is reported (exit status 1)
+and has no done marker, so the next run tries it again. On a Ray cluster the
+pool of workers follows the cluster (cluster.py): nodes that join get workers,
+lost workers come back where there is room.
+
+``run`` is the whole command: ``preflight.prepare`` checks every setting, flag,
+path and shard before anything starts (a ValueError is one ``error:`` line and exit 2),
+the output folder's lock is taken, the plan and the folder's settings are
+checked, Ray (or the in-process worker) starts, ``Dispatcher`` hands shards
+out, and the summary is written. SIGTERM ends a run like Ctrl-C does.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
+import signal
+import socket
 import sys
+import threading
 import time
 import traceback
 from collections import Counter, deque
@@ -25,12 +33,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-import encoder
-
 from . import storage
-from .cluster import NoWorkers, WorkerPool, cluster_gpus, with_placement
-from .config import PipelineConfig, load_pipeline_config
-from .shards import META_DIR, Shard, clean_temp, expected_samples, make_shards, plan
+from .cluster import NoWorkers, WorkerPool, with_placement
+from .config import PipelineConfig
+from .lock import OutputLock
+from .preflight import Setup, prepare
+from .records import Tally
+from .shards import META_DIR, Shard, check_settings, clean_temp, expected_samples, plan, settings_path
 from .worker import ShardEncoder
 from .writer import write_json_atomic
 
@@ -93,8 +102,8 @@ class LocalBackend:
     def report(self) -> dict:
         return {}
 
-    def submit(self, slot: int, shard: Shard, out: str, attempt: int, last: bool) -> Future:
-        return self.pool.submit(self.encoders[slot].encode_shard, shard.url, shard.id, out, attempt, last)
+    def submit(self, slot: int, shard: Shard, out: str, attempt: int) -> Future:
+        return self.pool.submit(self.encoders[slot].encode_shard, shard.url, shard.id, out, attempt)
 
     def wait(self, handles: list, timeout: float) -> list:
         if not handles:
@@ -116,47 +125,62 @@ class LocalBackend:
         self.encoders[slot] = self.make_encoder(slot)
 
     def shutdown(self) -> None:
+        # The shard in progress stops at its next batch (its thread cannot be killed), and
+        # deletes its temporary file on the way out.
+        for encoder_ in self.encoders:
+            encoder_.cancel()
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 class RayBackend:
     """One Ray actor per slot: ``num_gpus=1`` each, or CPU-only actors, in a pool that follows the cluster."""
 
-    def __init__(self, options: RunOptions, cfg: PipelineConfig, encoder_config, device: str, slots: int | None):
+    def __init__(self, address: str | None, cfg: PipelineConfig, encoder_config, device: str, slots: int | None):
         import ray
 
         self.ray = ray
-        self.started_here = options.address is None
+        self.started_here = address is None
+        self.dashboard_url = None
         if self.started_here:
-            # Workers import pipeline/ and encoder/ from where the driver found them (a checkout or
-            # site-packages), wherever the driver was started.
+            # address="local": always a Ray of our own, whatever ray_current_cluster files or other
+            # runs' clusters exist on this machine. Workers import pipeline/ and encoder/ from where
+            # the driver found them (a checkout or site-packages), wherever the driver was started.
             pythonpath = os.pathsep.join(p for p in (str(CODE_ROOT), os.environ.get("PYTHONPATH")) if p)
+            port = _free_port(cfg.dashboard_host, cfg.dashboard_port) if cfg.include_dashboard else cfg.dashboard_port
+            if port != cfg.dashboard_port:
+                _log(f"dashboard port {cfg.dashboard_port} is taken (another run?): using {port}")
             context = ray.init(
-                # "local": a fresh Ray even when a `ray start` cluster on this machine left its
-                # address in ray_current_cluster (joining one takes --address).
                 address="local",
                 num_cpus=cfg.num_cpus,
                 object_store_memory=cfg.object_store_memory,
                 include_dashboard=cfg.include_dashboard,
                 dashboard_host=cfg.dashboard_host,
-                dashboard_port=cfg.dashboard_port,
+                dashboard_port=port,
                 runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
                 logging_level="warning",
             )
         else:
             # On a cluster the package must be installed on every node (docker/ image). Already
-            # connected when resolve_device asked the cluster for its GPUs.
-            context = ray.init(address=options.address, logging_level="warning", ignore_reinit_error=True)
-        self.dashboard_url = getattr(context, "dashboard_url", None) or None
+            # connected when preflight asked the cluster for its GPUs ('auto' device).
+            context = ray.init(address=address, logging_level="warning", ignore_reinit_error=True)
+        try:
+            self.dashboard_url = getattr(context, "dashboard_url", None) or None
+            self._start_actors(cfg, encoder_config, device, slots)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start_actors(self, cfg: PipelineConfig, encoder_config, device: str, slots: int | None) -> None:
+        ray = self.ray
         resources = ray.cluster_resources()
         cpus, gpus_available = int(resources.get("CPU", 0)), int(resources.get("GPU", 0))
         use_gpu = device.startswith("cuda")
         if use_gpu:
             count = gpus_available if slots is None else slots
             if count < 1:
-                raise RuntimeError("no GPU in the Ray cluster; use --gpus 0 for CPU workers")
+                raise ValueError("no GPU in the Ray cluster; use --gpus 0 for CPU workers")
             if count > gpus_available:
-                raise RuntimeError(f"--gpus {count} asked, the Ray cluster has {gpus_available} GPU(s)")
+                raise ValueError(f"--gpus {count} asked, the Ray cluster has {gpus_available} GPU(s)")
             # Never ask for more CPUs than there are: a GPU actor left pending would idle its GPU.
             cpus_each = min(float(cfg.cpus_per_worker), cpus / count) if cpus else 0
             # Default: every GPU of the cluster, as it is at each check (nodes join and leave).
@@ -165,6 +189,11 @@ class RayBackend:
         else:
             count = slots or cfg.workers
             fit = max(1, cpus // max(1, cfg.cpus_per_worker))
+            if cpus < cfg.cpus_per_worker and self.started_here:
+                # A Ray of our own gets no more nodes: no worker could ever start. (On a cluster,
+                # nodes may join; the pool gives up after worker_start_timeout.)
+                raise ValueError(f"the Ray cluster has {cpus} CPU(s), a worker needs pipeline.cpus_per_worker = "
+                                 f"{cfg.cpus_per_worker}")  # fmt: skip
             if count > fit:
                 _log(f"{count} CPU workers asked, {cpus} CPUs in the cluster: {fit} start now, more if nodes join")
             cpus_each = cfg.cpus_per_worker
@@ -197,8 +226,8 @@ class RayBackend:
     def report(self) -> dict:
         return {"cluster": self.pool.report()}
 
-    def submit(self, slot: int, shard: Shard, out: str, attempt: int, last: bool):
-        ref = self.pool.actor(slot).encode_shard.remote(shard.url, shard.id, out, attempt, last)
+    def submit(self, slot: int, shard: Shard, out: str, attempt: int):
+        ref = self.pool.actor(slot).encode_shard.remote(shard.url, shard.id, out, attempt)
         self._task_slots[ref] = slot
         return ref
 
@@ -251,9 +280,24 @@ class RayBackend:
         self.pool.lost_worker(slot)
 
     def shutdown(self) -> None:
-        self.pool.shutdown()
+        pool = getattr(self, "pool", None)  # None when start-up failed before the pool existed
+        if pool is not None:
+            pool.shutdown()
         # Attached to a cluster, this only disconnects; the cluster and its other jobs go on.
         self.ray.shutdown()
+
+
+def _free_port(host: str, port: int) -> int:
+    """``port`` if it can be bound on ``host`` now, else a free one: two runs on one machine must not collide."""
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+            return port
+        except OSError:
+            pass
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
 
 
 def _short(exc: BaseException) -> str:
@@ -272,8 +316,8 @@ class Progress:
         self.expected = sum(counts) if counts and all(c is not None for c in counts) else None
         self.shards_total = len(todo)
         self.shards_done = 0
-        self.finished = {"images": 0, "ok": 0, "failed": 0, "psnr_sum": 0.0}
-        self.live: dict[int, dict] = {}
+        self.finished = Tally()
+        self.live: dict[int, Tally] = {}
         # A bar only on a terminal: in a log file every redraw would be a line. The
         # per-shard lines and the summary are printed either way.
         enabled = enabled and sys.stderr.isatty()
@@ -283,31 +327,27 @@ class Progress:
     def shard_done(self, slot: int, stats: dict) -> None:
         self.live.pop(slot, None)
         self.shards_done += 1
-        self.finished["images"] += stats.get("total", 0)
-        self.finished["ok"] += stats.get("ok", 0)
-        self.finished["failed"] += stats.get("failed", 0)
-        self.finished["psnr_sum"] += (stats.get("mean_psnr") or 0.0) * stats.get("ok", 0)
+        self.finished.add(Tally.from_stats(stats))
         if self.expected is None and self.shards_done:
-            per_shard = self.finished["images"] / self.shards_done
-            self.bar.total = round(self.finished["images"] + per_shard * (self.shards_total - self.shards_done))
+            per_shard = self.finished.images / self.shards_done
+            self.bar.total = round(self.finished.images + per_shard * (self.shards_total - self.shards_done))
         self.refresh()
 
     def update(self, live: dict[int, dict]) -> None:
-        self.live.update(live)
+        self.live.update({slot: Tally.from_dict(answer) for slot, answer in live.items()})
         self.refresh()
 
     def drop(self, slot: int) -> None:
         self.live.pop(slot, None)
 
     def refresh(self) -> None:
-        totals = dict(self.finished)
-        for p in self.live.values():
-            for k in totals:
-                totals[k] += p.get(k, 0)
-        self.bar.n = totals["images"]
-        psnr = totals["psnr_sum"] / totals["ok"] if totals["ok"] else float("nan")
+        totals = Tally()
+        for tally in (self.finished, *self.live.values()):
+            totals.add(tally)
+        self.bar.n = totals.images
+        psnr = totals.mean_psnr if totals.ok else float("nan")
         self.bar.set_postfix_str(
-            f"psnr {psnr:.2f} dB, failed {totals['failed']}, shards {self.shards_done}/{self.shards_total}", refresh=False
+            f"psnr {psnr:.2f} dB, failed {totals.failed}, shards {self.shards_done}/{self.shards_total}", refresh=False
         )
         self.bar.refresh()
 
@@ -316,185 +356,235 @@ class Progress:
 
 
 # -- the run -----------------------------------------------------------------------------
-def resolve_device(requested: str | None, gpus: int | None, address: str | None = None) -> tuple[str, int | None]:
-    """(worker device 'cpu' | 'cuda', number of GPU workers or None for all).
-
-    ``--gpus 0`` means CPU workers; ``--device cuda`` with ``--gpus 0`` is a contradiction.
-    With ``address`` (a Ray cluster), 'auto' counts the cluster's GPUs: a head node
-    without a GPU still drives GPU workers on the others.
-    """
-    requested = (requested or "auto").lower()
-    if requested == "cpu":
-        if gpus:
-            raise ValueError("--device cpu contradicts --gpus > 0")
-        return "cpu", 0
-    if gpus == 0:
-        if requested.startswith("cuda"):
-            raise ValueError("--device cuda needs --gpus >= 1")
-        return "cpu", 0
-    if requested.startswith("cuda"):
-        return "cuda", gpus
-    # auto: GPUs if there are any here; a cluster's GPUs are counted once attached.
-    import torch
-
-    if gpus is None and not torch.cuda.is_available() and not (address and cluster_gpus(address)):
-        return "cpu", 0
-    return "cuda", gpus
-
-
 def run(options: RunOptions) -> int:
-    """Encode every shard of ``options``; 0 when all are done, 1 when some failed."""
+    """Encode every shard of ``options``: 0 when all are done, 1 when some failed, 130/143 when stopped."""
     started = time.time()
-    fit_config = encoder.load_config(options.config, **options.encoder_overrides)
-    cfg = load_pipeline_config(options.config, **options.pipeline_overrides)
-    out = storage.absolute(options.output)  # a local folder or an object store URI (s3://bucket/prefix)
-    storage.location(out).mkdir(parents=True, exist_ok=True)
-    shards = make_shards(options.shards)
-    if not shards:
-        raise ValueError(f"no shards matched {options.shards}")
-    local = [s.url[len("file:"):] if s.url.startswith("file:") else s.url for s in shards]
-    inputs = {storage.folder_of(u) for u in local} - {None}
-    if out in inputs:
-        # img2dataset keeps its own {id}.parquet (url metadata) beside each {id}.tar.
-        raise ValueError(f"--output {out} holds input shards: its {{id}}.parquet files would be overwritten")
-    todo, skipped = plan(shards, out, overwrite=options.overwrite)
-    _log(f"{len(shards)} shard(s): {len(todo)} to encode, {len(skipped)} already done (skipped) -> {out}")
-    if not todo:
-        # Nothing to do: touch nothing, not even the summary, so a rerun is a no-op.
-        _log("nothing to do")
-        return 0
+    setup = prepare(options)
+    with OutputLock(setup.out):
+        todo, skipped = _plan(setup)
+        if not todo:
+            # Nothing to do: touch nothing, not even the summary, so a rerun is a no-op.
+            _log("nothing to do")
+            return 0
+        outcome = Outcome()
+        with StopSignals() as stop:
+            _encode(setup, todo, outcome, stop)
+        stopped_by = stop.received
+        summary = _summary(setup, skipped, outcome, started, stopped_by)
+        write_json_atomic(storage.location(setup.out) / SUMMARY_NAME, summary)
+    _print_summary(summary)
+    if stopped_by:
+        return 128 + stopped_by[0]
+    return 1 if outcome.failed else 0
 
-    device, gpus = resolve_device(options.device or fit_config.device, options.gpus,
-                                  options.address if options.use_ray else None)  # fmt: skip
-    if device == "cpu" and fit_config.strokes * fit_config.size**2 > 200 * 128**2:
+
+def _plan(setup: Setup) -> tuple[list[Shard], list[Shard]]:
+    """Refuse other row settings, check the done shards, and record the settings when there is work."""
+    wanted = setup.row_settings()
+    needs_writing = check_settings(setup.out, wanted, setup.options.overwrite)
+    redo: dict[str, str] = {}
+    todo, skipped = plan(setup.shards, setup.out, overwrite=setup.options.overwrite, redo=redo)
+    for sid, why in sorted(redo.items())[:20]:
+        _log(f"shard {sid}: redone: {why}")
+    _log(f"{len(setup.shards)} shard(s): {len(todo)} to encode, {len(skipped)} already done (skipped) -> {setup.out}")
+    if todo and needs_writing:
+        write_json_atomic(settings_path(setup.out), wanted)
+    return todo, skipped
+
+
+class StopSignals:
+    """SIGTERM (a scheduler, ``kill``) stops the run as Ctrl-C does; ``received`` lists the signals.
+
+    ``ray.init`` installs its own SIGTERM handler (``sys.exit``, no summary), so
+    ``arm`` is called again once Ray has started.
+    """
+
+    def __init__(self):
+        self.received: list[int] = []
+        self.previous = None
+
+    def _stop(self, signum, frame):
+        if not self.received:  # once: a second signal must not break the summary being written
+            self.received.append(signum)
+            raise KeyboardInterrupt
+
+    def arm(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._stop)
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.getsignal(signal.SIGTERM)
+        self.arm()
+        return self
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+        if kind is not None and issubclass(kind, KeyboardInterrupt):
+            self.received[:] = self.received or [signal.SIGINT]
+            _log("interrupted: finished shards are kept; rerun the same command to resume")
+            return True
+        return False
+
+
+def _start_backend(setup: Setup):
+    cfg, fit_config, device = setup.cfg, setup.fit_config, setup.device
+    if fit_config.device == "cpu" and fit_config.strokes * fit_config.size**2 > 200 * 128**2:
         _log(f"no GPU in use: {fit_config.strokes} strokes at {fit_config.size} px will be slow on CPU "
              "(--config cpu_small is the CPU preset)")  # fmt: skip
-    if not options.use_ray and device == "cuda" and (options.device or "").startswith("cuda:"):
-        device = options.device  # in-process, a specific GPU may be named
-    fit_config = dataclasses.replace(fit_config, device=device)
-
-    if options.use_ray:
-        backend = RayBackend(options, cfg, fit_config, device, gpus if device.startswith("cuda") else None)
+    if setup.options.use_ray:
+        backend = RayBackend(setup.address, cfg, fit_config, device, setup.gpus if device.startswith("cuda") else None)
     else:
         backend = LocalBackend(lambda slot: ShardEncoder(fit_config, cfg, device, f"local-{slot}"))
     if backend.dashboard_url:
         _log(f"Ray dashboard: http://{backend.dashboard_url}")
     _log(f"{backend.slots} worker(s) on {device}; {fit_config.strokes} strokes at {fit_config.size} px, "
          f"batch {cfg.batch_size}")  # fmt: skip
+    return backend
 
-    queue: deque[Shard] = deque(todo)
-    attempts: Counter = Counter()
-    failed: dict[str, dict] = {}
-    results: list[dict] = []
-    inflight: dict = {}  # handle -> (slot, shard)
-    idle: list[int] = []  # slots whose worker is up and free; refresh() adds the ones that come up
-    retried: dict[str, list[str]] = {}  # shard id -> why each failed attempt failed
-    replaced = 0
-    progress = Progress(todo, options.progress)
-    interrupted = False
 
-    def retry_or_fail(shard: Shard, why: str) -> None:
-        retried.setdefault(shard.id, []).append(f"attempt {attempts[shard.id]}: {why}")
-        if attempts[shard.id] <= cfg.max_retries:
-            _log(f"shard {shard.id}: attempt {attempts[shard.id]} failed ({why}); retrying")
-            queue.append(shard)
-        else:
-            _log(f"shard {shard.id}: FAILED after {attempts[shard.id]} attempt(s): {why}")
-            failed[shard.id] = {"url": shard.url, "attempts": attempts[shard.id], "error": why}
+@dataclass
+class Outcome:
+    results: list[dict] = field(default_factory=list)  # stats of the shards committed
+    failed: dict[str, dict] = field(default_factory=dict)  # id -> url, attempts, error
+    attempts: Counter = field(default_factory=Counter)
+    retried: dict[str, list[str]] = field(default_factory=dict)  # id -> why each failed attempt failed
+    replaced: int = 0
+    workers: int = 0
+    dashboard_url: str | None = None
+    report: dict = field(default_factory=dict)  # the backend's (a cluster: where workers ran)
 
+
+def _encode(setup: Setup, todo: list[Shard], outcome: Outcome, stop: StopSignals) -> None:
+    """Start the workers and hand the shards out until every one is done or has failed every attempt."""
+    progress = Progress(todo, setup.options.progress)
+    backend = dispatcher = None
     try:
-        while queue or inflight:
-            try:
-                idle += backend.refresh()  # workers that came up: first ones, joined nodes, replacements
-            except NoWorkers as exc:  # inflight is empty: only live workers run shards
-                _log(f"giving up: {exc}")
-                for shard in queue:
-                    failed[shard.id] = {"url": shard.url, "attempts": attempts[shard.id], "error": str(exc)}
-                break
-            while idle and queue:
-                slot, shard = idle.pop(0), queue.popleft()
-                attempts[shard.id] += 1
-                clean_temp(out, shard.id)  # leftovers of a killed attempt; none is running now
-                last = attempts[shard.id] > cfg.max_retries
-                inflight[backend.submit(slot, shard, out, attempts[shard.id], last)] = (slot, shard)
-            for handle in backend.wait(list(inflight), cfg.progress_interval):
-                slot, shard = inflight.pop(handle)
-                progress.drop(slot)
-                try:
-                    stats = backend.result(handle)
-                except WorkerDied as exc:
-                    backend.replace(slot)
-                    replaced += 1
-                    retry_or_fail(shard, f"worker died: {exc}")
-                except ShardFailed as exc:
-                    retry_or_fail(shard, str(exc))
-                else:
-                    results.append(stats)
-                    progress.shard_done(slot, stats)
-                    psnr = "n/a" if stats.get("mean_psnr") is None else f"{stats['mean_psnr']:.2f} dB"
-                    note = f"; {len(stats['errors'])} stream error(s)" if stats.get("errors") else ""
-                    _log(f"shard {shard.id}: {stats['total']} rows ({stats['ok']} ok, {stats['failed']} failed), "
-                         f"{stats['seconds']:.1f} s, psnr {psnr}{note}")  # fmt: skip
-                if backend.ready(slot):  # a dead worker's slot comes back through refresh()
-                    idle.append(slot)
-            current = {slot: shard.id for slot, shard in inflight.values()}
-            # An answer about a shard the slot no longer holds (it just finished) would count twice.
-            live = backend.progress(list(current))
-            progress.update({slot: p for slot, p in live.items() if p.get("shard") == current.get(slot)})
-    except KeyboardInterrupt:
-        interrupted = True
-        _log("interrupted: finished shards are kept; rerun the same command to resume")
+        backend = _start_backend(setup)
+        stop.arm()
+        outcome.workers, outcome.dashboard_url = backend.slots, backend.dashboard_url
+        dispatcher = Dispatcher(backend, setup, progress, outcome)
+        dispatcher.run(todo)
     finally:
         progress.close()
-        backend.shutdown()
-
-    summary = _summary(out, shards, skipped, results, failed, attempts, replaced, started, fit_config, cfg,
-                       device, backend.slots, backend.dashboard_url, interrupted)  # fmt: skip
-    # What went round again and why (a worker or its node died, a task raised), and where workers ran.
-    summary["retried_shards"] = {sid: {"attempts": attempts[sid], "errors": why, "done": sid not in failed}
-                                 for sid, why in retried.items() if attempts[sid] > 1}  # fmt: skip
-    summary.update(backend.report())
-    write_json_atomic(storage.location(out) / SUMMARY_NAME, summary)
-    _print_summary(summary)
-    if interrupted:
-        return 130
-    return 1 if failed else 0
+        if backend is not None:
+            outcome.workers = max(outcome.workers, backend.slots)  # the peak: nodes may have joined
+            try:
+                outcome.report = backend.report()
+            except Exception:  # noqa: BLE001 - a report is a nicety; shutting down is not
+                pass
+            backend.shutdown()
+        for _, shard in (dispatcher.inflight.values() if dispatcher else ()):
+            clean_temp(setup.out, shard.id)  # interrupted attempts (their workers are gone, or going)
 
 
-def _summary(out, shards, skipped, results, failed, attempts, replaced, started, fit_config, cfg, device, workers,
-             dashboard_url, interrupted) -> dict:  # fmt: skip
+class Dispatcher:
+    """One shard per idle worker; results collected as they come; failed attempts queued again."""
+
+    def __init__(self, backend, setup: Setup, progress: Progress, outcome: Outcome):
+        self.backend, self.cfg, self.out = backend, setup.cfg, setup.out
+        self.progress, self.outcome = progress, outcome
+        self.queue: deque[Shard] = deque()
+        self.inflight: dict = {}  # handle -> (slot, shard)
+        self.idle: list[int] = []  # slots whose worker is up and free; refresh() adds the ones that come up
+
+    def run(self, todo: list[Shard]) -> None:
+        self.queue.extend(todo)
+        while self.queue or self.inflight:
+            try:
+                self.idle += self.backend.refresh()  # workers that came up: first ones, joined nodes, replacements
+            except NoWorkers as exc:  # inflight is empty: only live workers run shards
+                _log(f"giving up: {exc}")
+                for shard in self.queue:
+                    self.outcome.failed[shard.id] = {"url": shard.url, "attempts": self.outcome.attempts[shard.id],
+                                                     "error": str(exc)}  # fmt: skip
+                self.queue.clear()
+                break
+            self._hand_out()
+            for handle in self.backend.wait(list(self.inflight), self.cfg.progress_interval):
+                self._collect(handle)
+            self._poll_progress()
+
+    def _hand_out(self) -> None:
+        while self.idle and self.queue:
+            slot, shard = self.idle.pop(0), self.queue.popleft()
+            self.outcome.attempts[shard.id] += 1
+            clean_temp(self.out, shard.id)  # leftovers of a killed attempt; none is running now (the lock)
+            self.inflight[self.backend.submit(slot, shard, self.out, self.outcome.attempts[shard.id])] = (slot, shard)
+
+    def _collect(self, handle) -> None:
+        slot, shard = self.inflight.pop(handle)
+        self.progress.drop(slot)
+        try:
+            stats = self.backend.result(handle)
+        except WorkerDied as exc:
+            self.backend.replace(slot)
+            self.outcome.replaced += 1
+            self._retry_or_fail(shard, f"worker died: {exc}")
+        except ShardFailed as exc:
+            self._retry_or_fail(shard, str(exc))
+        else:
+            self.outcome.results.append(stats)
+            self.progress.shard_done(slot, stats)
+            psnr = "n/a" if stats.get("mean_psnr") is None else f"{stats['mean_psnr']:.2f} dB"
+            _log(f"shard {shard.id}: {stats['total']} rows ({stats['ok']} ok, {stats['failed']} failed), "
+                 f"{stats['seconds']:.1f} s, psnr {psnr}")  # fmt: skip
+        if self.backend.ready(slot):  # a dead worker's slot comes back through refresh()
+            self.idle.append(slot)
+
+    def _retry_or_fail(self, shard: Shard, why: str) -> None:
+        attempts = self.outcome.attempts[shard.id]
+        self.outcome.retried.setdefault(shard.id, []).append(f"attempt {attempts}: {why}")
+        if attempts <= self.cfg.max_retries:
+            _log(f"shard {shard.id}: attempt {attempts} failed ({why}); retrying")
+            self.queue.append(shard)
+        else:
+            _log(f"shard {shard.id}: FAILED after {attempts} attempt(s): {why}")
+            self.outcome.failed[shard.id] = {"url": shard.url, "attempts": attempts, "error": why}
+
+    def _poll_progress(self) -> None:
+        current = {slot: shard.id for slot, shard in self.inflight.values()}
+        # An answer about a shard the slot no longer holds (it just finished) would count twice.
+        live = self.backend.progress(list(current))
+        self.progress.update({slot: p for slot, p in live.items() if p.get("shard") == current.get(slot)})
+
+
+def _summary(setup: Setup, skipped: list[Shard], outcome: Outcome, started: float, stopped_by: list[int]) -> dict:
     seconds = time.time() - started
-    counts: Counter = Counter()
-    for stats in results:
-        counts.update(stats.get("status_counts", {}))
-    ok = counts.get("ok", 0)
-    psnr_sum = sum((s.get("mean_psnr") or 0.0) * s.get("ok", 0) for s in results)
-    total = sum(counts.values())
-    return {
-        "output": out,
-        "shards_total": len(shards),
-        "shards_encoded": len(results),
+    tally = Tally()
+    for stats in outcome.results:
+        tally.add(Tally.from_stats(stats))
+    summary = {
+        "output": setup.out,
+        "shards_total": len(setup.shards),
+        "shards_encoded": len(outcome.results),
         "shards_skipped": len(skipped),
-        "shards_failed": len(failed),
-        "failed_shards": failed,
-        "shards_with_stream_errors": sorted(s["shard_id"] for s in results if s.get("errors")),
-        "images": total,
-        "ok": ok,
-        "failed": total - ok,
-        "status_counts": dict(sorted(counts.items())),
-        "mean_psnr": round(psnr_sum / ok, 4) if ok else None,
+        "shards_failed": len(outcome.failed),
+        "failed_shards": outcome.failed,
+        "images": tally.images,
+        "ok": tally.ok,
+        "failed": tally.failed,
+        "status_counts": tally.as_dict()["status_counts"],
+        "mean_psnr": round(tally.mean_psnr, 4) if tally.ok else None,
         "seconds": round(seconds, 3),
-        "images_per_second": round(total / seconds, 3) if seconds > 0 else None,
-        "retries": sum(max(0, n - 1) for n in attempts.values()),
-        "workers_replaced": replaced,
-        "workers": workers,
-        "device": device,
-        "interrupted": interrupted,
-        "dashboard_url": dashboard_url,
-        "encoder_config": asdict(fit_config),
-        "pipeline_config": asdict(cfg),
+        "images_per_second": round(tally.images / seconds, 3) if seconds > 0 else None,
+        "retries": sum(max(0, n - 1) for n in outcome.attempts.values()),
+        "workers_replaced": outcome.replaced,
+        "workers": outcome.workers,
+        "device": setup.device,
+        "interrupted": bool(stopped_by),
+        "stopped_by": signal.Signals(stopped_by[0]).name if stopped_by else None,
+        "dashboard_url": outcome.dashboard_url,
+        "encoder_config": asdict(setup.fit_config),
+        "pipeline_config": asdict(setup.cfg),
         "finished_at": datetime.now(timezone.utc).isoformat(),
+        # What went round again and why (a worker or its node died, a task raised).
+        "retried_shards": {sid: {"attempts": outcome.attempts[sid], "errors": why, "done": sid not in outcome.failed}
+                           for sid, why in outcome.retried.items() if outcome.attempts[sid] > 1},  # fmt: skip
     }
+    summary.update(outcome.report)  # a cluster: where the workers ran
+    return summary
 
 
 def _print_summary(s: dict) -> None:

@@ -35,7 +35,8 @@ import encoder
 
 from .columns import encoder_size, file_metadata, open_file, parquet_files, table_rows
 from .driver import SUMMARY_NAME
-from .reader import SampleError, ShardReader, decode_image
+from .reader import IMAGE_EXTS, SampleError, ShardReader, decode_image
+from .records import Status
 from .shards import meta_dir
 
 MAX_FAILURES = 500  # failed rows listed; a run with more counts them in the stats
@@ -103,10 +104,9 @@ def _photos(files: list[str], chosen: list[dict], size: int) -> dict[tuple[int, 
         try:
             for sample in reader.samples():
                 key = sample["__key__"]
-                if key not in wanted:
-                    continue
-                image = next((sample[e] for e in ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
-                              if e in sample), b"")  # fmt: skip
+                if key not in wanted or "__status__" in sample:
+                    continue  # a later sample with a key already used (duplicate_key) is not the row's image
+                image = next((sample[e] for e in IMAGE_EXTS if e in sample), b"")
                 try:
                     target, _, _ = decode_image(image, size, max_pixels=10**9, min_side=1)
                     found[(f, key)] = encoder.tensor_to_pil(target)
@@ -272,7 +272,7 @@ def build_report(out: str | Path, worst: int = 12, best: int = 12, thumb: int = 
     files = parquet_files(out)
     listing = _listing(files)
     stats, summary = _stats(out)
-    is_ok = pc.equal(listing["status"], "ok")
+    is_ok = pc.equal(listing["status"], Status.OK.value)
     ok = listing.filter(is_ok)
     ok = ok.take(pc.sort_indices(ok, [("psnr", "ascending")]))
     failed = listing.filter(pc.invert(is_ok))

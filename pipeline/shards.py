@@ -1,12 +1,16 @@
 """Shard specs, shard ids, done markers and resume.
 
-A shard spec is anything webdataset's ``gopen`` opens (a local path, ``file:``,
-``http(s)://``, ``pipe:CMD``) or a filesystem URI (``s3://``, ``gs://``, any
-fsspec scheme: see storage.py), with img2dataset's brace ranges
+A shard spec is anything ``sources.open_source`` opens (a local path, ``file:``,
+``http(s)://``, ``pipe:CMD``, or a filesystem URI: ``s3://``, ``gs://``, any
+fsspec scheme, see storage.py), with img2dataset's brace ranges
 (``laion-art/{00000..00999}.tar``); the output folder may be local or such a
 URI. A shard's id is the stem of its tar, so
 ``OUT/{id}.parquet`` sits beside the input's own ``{id}.tar`` naming, and
-``OUT/{id}_stats.json`` (written last) says the shard is done.
+``OUT/{id}_stats.json`` (written last) says the shard is done, once checked:
+the stats say the source was read whole, and the Parquet footer is readable
+and holds as many rows as the stats. The folder's settings file records what
+shapes its rows (format version, stroke count, size), so a resume with other
+settings is refused instead of mixing two kinds of rows.
 """
 from __future__ import annotations
 
@@ -21,6 +25,8 @@ from urllib.parse import urlsplit
 
 from . import storage
 
+from .sources import local_path, scheme
+
 TAR_SUFFIXES = (".tar.gz", ".tar.zst", ".tar.bz2", ".tar.xz", ".tgz", ".tar")
 URL_SCHEMES = ("http://", "https://", "pipe:", "file:", "s3://", "gs://", "ais://", "sftp://", "scp://", "ftps://")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._=+-]+$")
@@ -28,14 +34,14 @@ _SAFE_ID = re.compile(r"^[A-Za-z0-9._=+-]+$")
 
 @dataclass(frozen=True)
 class Shard:
-    """One input tar: ``url`` is what gopen opens, ``id`` names its outputs."""
+    """One input tar: ``url`` is what sources.open_source opens, ``id`` names its outputs."""
 
     id: str
     url: str
 
 
 def _is_url(spec: str) -> bool:
-    return spec.startswith(URL_SCHEMES)
+    return spec.startswith(URL_SCHEMES) or scheme(spec) != "file"
 
 
 def expand_specs(specs: str | list[str] | tuple[str, ...]) -> list[str]:
@@ -124,6 +130,14 @@ def stats_path(out_dir: str | Path, sid: str) -> Path:
     return meta_dir(out_dir) / f"{sid}_stats.json"
 
 
+INCOMPLETE = "incomplete: its source failed part-way last time"
+
+
+def incomplete_path(out_dir: str | Path, sid: str) -> Path:
+    """Present while shard ``sid``'s files hold the rows of a source that failed part-way (not done)."""
+    return meta_dir(out_dir) / f"{sid}.incomplete"
+
+
 def temp_path(final: Path, tag: str) -> Path:
     """A hidden sibling of ``final``: same filesystem (so the commit is atomic),
     invisible to ``*.parquet`` globs, unique per attempt."""
@@ -150,13 +164,42 @@ def clean_temp(out_dir: str | Path, sid: str) -> int:
     return removed
 
 
+def check_done(out_dir: str | Path, sid: str) -> str | None:
+    """None when shard ``sid`` is done; otherwise why not (no stats file, incomplete, damaged Parquet file).
+
+    The stats file is written after the Parquet file is in place, but a file
+    can still be damaged later (a copy cut short, a full disk): the footer and
+    the row count are checked, which reads a few KB per shard.
+    """
+    stats_file, parquet = stats_path(out_dir, sid), parquet_path(out_dir, sid)
+    if not stats_file.is_file():
+        return "no stats file"
+    try:
+        stats = json.loads(stats_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return f"{stats_file.name} is unreadable ({exc})"
+    if not isinstance(stats, dict):
+        return f"{stats_file.name} is not a JSON object"
+    if stats.get("complete") is False:
+        return INCOMPLETE
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_metadata(storage.open_input_file(parquet)).num_rows
+    except Exception as exc:  # noqa: BLE001 - missing, cut short, not Parquet: all mean redo
+        return f"{parquet.name} is missing or unreadable ({type(exc).__name__}: {exc})"
+    if rows != stats.get("rows"):
+        return f"{parquet.name} holds {rows} rows, its stats file says {stats.get('rows')}"
+    return None
+
+
 def is_done(out_dir: str | Path, sid: str) -> bool:
-    """Done means the stats file exists: it is written after the Parquet file is in place."""
-    return stats_path(out_dir, sid).is_file() and parquet_path(out_dir, sid).is_file()
+    return check_done(out_dir, sid) is None
 
 
-def plan(shards: list[Shard], out_dir: str | Path, overwrite: bool = False) -> tuple[list[Shard], list[Shard]]:
-    """Split shards into (to do, already done).
+def plan(shards: list[Shard], out_dir: str | Path, overwrite: bool = False,
+         redo: dict[str, str] | None = None) -> tuple[list[Shard], list[Shard]]:  # fmt: skip
+    """Split shards into (to do, already done); ``redo`` receives why each shard with a stats file is redone.
 
     With ``overwrite`` every stats marker is removed first, so an overwrite run
     that is interrupted is finished by a plain rerun instead of leaving old and
@@ -175,8 +218,64 @@ def plan(shards: list[Shard], out_dir: str | Path, overwrite: bool = False) -> t
             if exists(stats):
                 stats.unlink(missing_ok=True)
         return list(shards), []
-    done_ids = {sid for sid, (stats, parquet) in markers.items() if exists(stats) and exists(parquet)}
-    return [s for s in shards if s.id not in done_ids], [s for s in shards if s.id in done_ids]
+    todo, done = [], []
+    for shard in shards:
+        stats, parquet = markers[shard.id]
+        # The listing rules out most shards at no cost; those with both files are verified.
+        if not exists(stats):
+            why = "no stats file"
+        elif not exists(parquet):
+            why = f"{parquet.name} is missing"
+        elif exists(incomplete_path(out_dir, shard.id)):
+            why = INCOMPLETE
+        elif isinstance(parquet, Path):
+            why = check_done(out_dir, shard.id)  # a few KB read per shard: local outputs only
+        else:
+            # An object store: a request per shard would cost minutes for 100,000 shards, so resume
+            # trusts the listing there (the incomplete marker is in it; the footer check is local-only).
+            why = None
+        (todo if why else done).append(shard)
+        if why and redo is not None and why != "no stats file":
+            redo[shard.id] = why
+    return todo, done
+
+
+# -- the folder's settings ---------------------------------------------------------------
+SETTINGS_NAME = "settings.json"
+
+
+def settings_path(out_dir: str | Path) -> Path:
+    """The output folder's record of what shapes its rows (format version, strokes, size), in META_DIR."""
+    return meta_dir(out_dir) / SETTINGS_NAME
+
+
+def check_settings(out_dir: str | Path, wanted: dict, overwrite: bool) -> bool:
+    """Raise ValueError when the folder's rows were made with other settings; True if the file needs writing.
+
+    Rows of 20 and 30 strokes in one folder would make a dataset no loader can
+    batch; ``--overwrite`` replaces the listed shards and takes the new settings.
+    """
+    path = settings_path(out_dir)
+    try:
+        if not path.is_file():  # also an object store's missing key, which some stores report as OSError
+            return True
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path} is unreadable ({exc}): fix or delete it") from None
+    if found == wanted:
+        return False
+    if overwrite:
+        return True
+    diff = ", ".join(f"{k} {found.get(k)!r} -> {wanted.get(k)!r}" for k in sorted(set(found) | set(wanted))
+                     if found.get(k) != wanted.get(k))  # fmt: skip
+    raise ValueError(f"{out_dir} holds rows made with other settings ({diff}); "
+                     "use --overwrite to redo the shards with the new ones, or a new --output folder")  # fmt: skip
+
+
+def missing_local(shards: list[Shard]) -> list[str]:
+    """Local shard paths that do not exist (a typo in a brace range should fail at once, not shard by shard)."""
+    paths = ((s.url, local_path(s.url)) for s in shards)
+    return [url for url, path in paths if path is not None and not os.path.isfile(path)]
 
 
 def expected_samples(shard: Shard) -> int | None:

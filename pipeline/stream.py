@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .columns import filter_columns, keep_mask, open_file, parquet_files, read_rows
+from .columns import OK_ONLY, filter_columns, keep_mask, open_file, parquet_files, read_rows
 
 DEFAULT_COLUMNS = ("key", "caption", "strokes", "background", "psnr")
 
@@ -54,7 +54,7 @@ class StrokeStream(IterableDataset):
     order. rank / world_size: default to torch.distributed's when it is initialised, else 0 / 1.
     """
 
-    def __init__(self, source, columns=DEFAULT_COLUMNS, min_psnr: float | None = None, statuses=("ok",),
+    def __init__(self, source, columns=DEFAULT_COLUMNS, min_psnr: float | None = None, statuses=OK_ONLY,
                  shuffle: bool = True, buffer_size: int = 1024, seed: int = 0, rank: int | None = None,
                  world_size: int | None = None):  # fmt: skip
         self.files = parquet_files(source)

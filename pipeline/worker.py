@@ -13,7 +13,6 @@ hold work. The driver wraps ``ShardEncoder`` in a Ray actor (one per GPU, or
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import queue
@@ -21,7 +20,6 @@ import socket
 import threading
 import time
 import zlib
-from collections import Counter
 from datetime import datetime, timezone
 
 import torch
@@ -29,7 +27,9 @@ import torch
 import encoder  # the public API only (encoder.fit_batch is looked up per call)
 
 from .config import PipelineConfig
-from .reader import Record, ShardReader, is_remote
+from .reader import ShardReader
+from .records import FitResult, Record, Row, Status, Tally, is_out_of_memory
+from .sources import ShardReadError
 from .writer import FORMAT_VERSION, ShardWriter, encoder_metadata
 
 _END = object()  # end of a stream between stages
@@ -44,7 +44,7 @@ class _Chunk:
 
     def __init__(self, records: list[Record], pin: bool):
         self.records = records
-        ready = [r.target for r in records if r.status == "ok"]
+        ready = [r.target for r in records if r.status == Status.OK]
         self.targets = torch.stack(ready) if ready else None
         if self.targets is not None and pin:
             self.targets = self.targets.pin_memory()
@@ -77,6 +77,19 @@ def _get(q: queue.Queue, stop: threading.Event):
             continue
 
 
+class ShardIncomplete(ShardReadError):
+    """The source failed part-way: the rows read before it are committed with stats marked incomplete,
+    and the shard is not done (the driver retries it; a later run redoes it)."""
+
+
+class BatchFailed(RuntimeError):
+    """Every image of a batch raised in fit_batch: the encoder or the device is failing, not the data."""
+
+
+class Cancelled(RuntimeError):
+    """The run is stopping (Ctrl-C, SIGTERM): the shard in progress is abandoned, its temporary file deleted."""
+
+
 def _fatal(exc: BaseException) -> bool:
     """Errors after which this process's device is unusable: the shard must move elsewhere."""
     text = f"{type(exc).__name__}: {exc}"
@@ -100,14 +113,163 @@ class _Metrics:
         for metric in (self.encoded, self.failed, self.fit_seconds, self.psnr):
             metric.set_default_tags(tags)
 
-    def record(self, rows: list[dict]) -> None:
+    def record(self, rows: list[Row]) -> None:
         for row in rows:
-            if row["status"] == "ok":
+            if row.status == Status.OK:
                 self.encoded.inc(1)
-                self.psnr.observe(row["psnr"])
-                self.fit_seconds.observe(row["fit_seconds"])
+                self.psnr.observe(row.psnr)
+                self.fit_seconds.observe(row.fit_seconds)
             else:
-                self.failed.inc(1, tags={"status": row["status"]})
+                self.failed.inc(1, tags={"status": Status(row.status).value})
+
+
+class _Attempt:
+    """One attempt at one shard: the decode and write stages on their threads, the fit on the caller's.
+
+    Holds what the attempt counts (the shard's ``Tally``, fit seconds, sample
+    error messages) and the source's error, if the source failed part-way.
+    """
+
+    def __init__(self, owner: "ShardEncoder", url: str, shard_id: str, out_dir: str, attempt: int):
+        cfg, fit = owner.config, owner.fit_config
+        self.owner, self.url, self.shard_id, self.attempt = owner, url, shard_id, attempt
+        self.started = time.time()
+        self.reader = ShardReader(url, fit.size, cfg.max_image_pixels, cfg.min_image_side, cfg.jpeg_draft,
+                                  cfg.reader_threads, max_member_bytes=cfg.max_member_bytes,
+                                  timeouts=cfg.timeouts())  # fmt: skip
+        self.writer = ShardWriter(out_dir, shard_id, fit.strokes, owner._file_metadata(url), cfg.row_group_size)
+        self.tally = Tally()
+        self.fit_seconds = 0.0
+        self.sample_errors: list[str] = []
+        self.source_error: ShardReadError | None = None
+        self.chunks: queue.Queue = queue.Queue(maxsize=cfg.prefetch_batches)
+        self.rows: queue.Queue = queue.Queue(maxsize=cfg.prefetch_batches + 1)
+        self.stop = threading.Event()
+        self.errors: list[BaseException] = []
+
+    def run(self) -> None:
+        """Decode, fit and write every record; on any error stop all stages, drop the temporary file, raise."""
+        threads = [self._thread(self._decode_stage, "decode"), self._thread(self._write_stage, "write")]
+        try:
+            self._fit_stage()
+            _put(self.rows, _END, self.stop)
+            for thread in threads:
+                thread.join()
+            if self.errors:
+                raise self.errors[0]
+        except BaseException:
+            self.stop.set()
+            for thread in threads:
+                thread.join(timeout=30)
+            self.writer.abort()
+            if self.errors and not isinstance(self.errors[0], _Stopped):
+                raise self.errors[0] from None
+            raise
+
+    def _thread(self, stage, name: str) -> threading.Thread:
+        def guarded():
+            try:
+                stage()
+            except _Stopped:
+                pass
+            except BaseException as exc:  # noqa: BLE001 - handed to the fit thread, which raises it
+                self.errors.append(exc)
+                self.stop.set()
+
+        thread = threading.Thread(target=guarded, name=f"{name}-{self.shard_id}", daemon=True)
+        thread.start()
+        return thread
+
+    def _decode_stage(self) -> None:
+        cfg, pin = self.owner.config, str(self.owner.device).startswith("cuda")
+        chunk, fit_ready = [], 0
+        try:
+            for record in self.reader.records():
+                chunk.append(record)
+                fit_ready += record.status == Status.OK
+                # A chunk closes at a full batch; runs of failures close it too so rows keep flowing.
+                if fit_ready >= cfg.batch_size or len(chunk) >= 4 * cfg.batch_size:
+                    _put(self.chunks, _Chunk(chunk, pin), self.stop)
+                    chunk, fit_ready = [], 0
+        except ShardReadError as exc:
+            self.source_error = exc  # the records read before it are still fitted and kept
+        if chunk:
+            _put(self.chunks, _Chunk(chunk, pin), self.stop)
+        _put(self.chunks, _END, self.stop)
+
+    def _fit_stage(self) -> None:
+        cfg = self.owner.config
+        seed_base = self.owner.fit_config.seed + zlib.crc32(self.shard_id.encode()) * 1009
+        index = 0
+        while (chunk := _get(self.chunks, self.stop)) is not _END:
+            self.owner._check_cancelled()
+            # fit_batch gives image i of a batch seed + i: stride by the batch so no two
+            # images of a shard share a random stream.
+            seed = (seed_base + index * cfg.batch_size) % 2**31
+            rows, seconds = self.owner._fit_chunk(chunk, seed, fitted_before=self.tally.ok > 0)
+            index += 1
+            self.fit_seconds += seconds
+            with self.owner._lock:  # progress() reads the tally from another thread
+                self.tally.add_rows(rows)
+            room = cfg.max_error_messages - len(self.sample_errors)
+            self.sample_errors += [f"{r.key}: {Status(r.status).value}: {r.error_message}"
+                                   for r in rows if r.status != Status.OK][: max(0, room)]  # fmt: skip
+            _put(self.rows, [row.as_dict() for row in rows], self.stop)
+            self.owner._metrics_record(rows)
+            self.owner._maybe_crash()
+
+    def _write_stage(self) -> None:
+        while (rows := _get(self.rows, self.stop)) is not _END:
+            self.writer.add(rows)
+
+    def finish(self) -> dict:
+        """Commit the shard and return its stats; or, after a source error, keep what was read and raise."""
+        stats = self._stats()
+        if self.source_error is None:
+            return self.writer.commit(stats)
+        if self.tally.images:
+            rows = self.writer.commit(stats)["rows"]
+            kept = f"; the {rows} rows read before it are kept in {self.writer.final.name}, marked incomplete"
+        else:
+            self.writer.abort()
+            kept = ""
+        raise ShardIncomplete(f"{self.source_error}{kept}")
+
+    def _stats(self) -> dict:
+        seconds = time.time() - self.started
+        fit, cfg, tally = self.owner.fit_config, self.owner.config, self.tally
+        complete = self.source_error is None
+        return {
+            "shard_id": self.shard_id,
+            "source": self.url,
+            "format_version": FORMAT_VERSION,
+            # False: the source failed part-way; the rows are those read before the error, the
+            # shard is not done, and the next attempt or run replaces both files.
+            "complete": complete,
+            "total": tally.images,
+            "ok": tally.ok,
+            "failed": tally.failed,
+            "status_counts": tally.as_dict()["status_counts"],
+            "seconds": round(seconds, 3),
+            "fit_seconds": round(self.fit_seconds, 3),
+            "images_per_second": round(tally.images / seconds, 3) if seconds > 0 else None,
+            "fit_images_per_second": round(tally.ok / self.fit_seconds, 3) if self.fit_seconds > 0 else None,
+            "mean_psnr": round(tally.mean_psnr, 4) if tally.ok else None,
+            "errors": [] if complete else [str(self.source_error)],
+            "truncated": not complete,
+            "sample_errors": self.sample_errors,
+            "tar_members": self.reader.files,
+            "compression": self.reader.compression,
+            "attempt": self.attempt,
+            "worker": self.owner.worker_id,
+            "host": socket.gethostname(),
+            "device": self.owner.device,
+            "strokes": fit.strokes,
+            "size": fit.size,
+            "batch_size": cfg.batch_size,
+            "started_at": datetime.fromtimestamp(self.started, timezone.utc).isoformat(),
+            "finished_at": datetime.now(timezone.utc).isoformat(),
+        }
 
 
 class ShardEncoder:
@@ -131,148 +293,45 @@ class ShardEncoder:
         self.crash_once = crash_once
         self._metrics = _Metrics(worker_id) if metrics else None
         self._lock = threading.Lock()
-        self._progress = {"shard": None, "images": 0, "ok": 0, "failed": 0, "psnr_sum": 0.0}
+        self._current: _Attempt | None = None
+        self._cancelled = threading.Event()
 
     # -- small actor API ---------------------------------------------------------------
     def progress(self) -> dict:
         """Counters of the shard in progress (polled by the driver from another thread)."""
         with self._lock:
-            return dict(self._progress)
+            current = self._current
+            if current is None:
+                return {"shard": None, **Tally().as_dict()}
+            return {"shard": current.shard_id, **current.tally.as_dict()}
+
+    def cancel(self) -> None:
+        """Stop the shard in progress at its next batch (the run is being interrupted)."""
+        self._cancelled.set()
 
     # -- one shard ---------------------------------------------------------------------
-    def encode_shard(self, url: str, shard_id: str, out_dir: str, attempt: int = 1, last_attempt: bool = True) -> dict:
+    def encode_shard(self, url: str, shard_id: str, out_dir: str, attempt: int = 1) -> dict:
         """Encode every sample of one shard into ``out_dir/{shard_id}.parquet`` + stats; return the stats.
 
-        Raises when the shard cannot be finished (source unreadable, writer error,
-        a fatal device error); the driver then retries it elsewhere. Nothing under
-        the final names is touched until the shard is complete.
+        Raises when the shard cannot be finished: ``ShardIncomplete`` when its
+        source failed part-way (the rows read are committed, marked incomplete),
+        anything else (writer error, out of memory, a fatal device error) with
+        nothing left under the final names. The driver retries it either way.
         """
-        started = time.time()
+        current = _Attempt(self, url, shard_id, out_dir, attempt)
         with self._lock:
-            self._progress = {"shard": shard_id, "images": 0, "ok": 0, "failed": 0, "psnr_sum": 0.0}
-        cfg = self.config
-        reader = ShardReader(url, self.fit_config.size, cfg.max_image_pixels, cfg.min_image_side, cfg.jpeg_draft,
-                             cfg.reader_threads, strict=is_remote(url) and not last_attempt)  # fmt: skip
-        writer = ShardWriter(out_dir, shard_id, self.fit_config.strokes, self._file_metadata(url),
-                             cfg.row_group_size)  # fmt: skip
-        chunks: queue.Queue = queue.Queue(maxsize=cfg.prefetch_batches)
-        rows_q: queue.Queue = queue.Queue(maxsize=cfg.prefetch_batches + 1)
-        stop = threading.Event()
-        errors: list[BaseException] = []
-
-        def guarded(fn):
-            def run():
-                try:
-                    fn()
-                except _Stopped:
-                    pass
-                except BaseException as exc:  # noqa: BLE001 - handed to the main thread
-                    errors.append(exc)
-                    stop.set()
-
-            return run
-
-        pin = str(self.device).startswith("cuda")
-
-        def decode_stage():
-            chunk, fit_ready = [], 0
-            for record in reader.records():
-                chunk.append(record)
-                fit_ready += record.status == "ok"
-                # A chunk closes at a full batch; runs of failures close it too so rows keep flowing.
-                if fit_ready >= cfg.batch_size or len(chunk) >= 4 * cfg.batch_size:
-                    _put(chunks, _Chunk(chunk, pin), stop)
-                    chunk, fit_ready = [], 0
-            if chunk:
-                _put(chunks, _Chunk(chunk, pin), stop)
-            _put(chunks, _END, stop)
-
-        def write_stage():
-            while (rows := _get(rows_q, stop)) is not _END:
-                writer.add(rows)
-
-        threads = [threading.Thread(target=guarded(decode_stage), name=f"decode-{shard_id}", daemon=True),
-                   threading.Thread(target=guarded(write_stage), name=f"write-{shard_id}", daemon=True)]  # fmt: skip
-        counts: Counter = Counter()
-        fit_seconds, fitted, psnr_sum, sample_errors = 0.0, 0, 0.0, []
-        seed_base = self.fit_config.seed + zlib.crc32(shard_id.encode()) * 1009
-        try:
-            for thread in threads:
-                thread.start()
-            index = 0
-            while (chunk := _get(chunks, stop)) is not _END:
-                # fit_batch gives image i of a batch seed + i: stride by the batch so no two
-                # images of a shard share a random stream.
-                seed = (seed_base + index * cfg.batch_size) % 2**31
-                rows, seconds = self._fit_chunk(chunk, seed, fitted_before=fitted > 0)
-                index += 1
-                if seconds is None:
-                    raise RuntimeError(f"every image of batch {index} raised in fit_batch: {rows[0]['error_message']}")
-                fit_seconds += seconds
-                for row in rows:
-                    counts[row["status"]] += 1
-                    if row["status"] == "ok":
-                        fitted += 1
-                        psnr_sum += row["psnr"]
-                    elif len(sample_errors) < cfg.max_error_messages:
-                        sample_errors.append(f"{row['key']}: {row['status']}: {row['error_message']}")
-                _put(rows_q, rows, stop)
-                self._report(shard_id, rows)
-                self._maybe_crash()
-            _put(rows_q, _END, stop)
-            for thread in threads:
-                thread.join()
-            if errors:
-                raise errors[0]
-        except BaseException:
-            stop.set()
-            for thread in threads:
-                thread.join(timeout=30)
-            writer.abort()
-            if errors and not isinstance(errors[0], _Stopped):
-                raise errors[0] from None
-            raise
-
-        seconds = time.time() - started
-        total = sum(counts.values())
-        stats = {
-            "shard_id": shard_id,
-            "source": url,
-            "format_version": FORMAT_VERSION,
-            "total": total,
-            "ok": counts.get("ok", 0),
-            "failed": total - counts.get("ok", 0),
-            "status_counts": dict(sorted(counts.items())),
-            "seconds": round(seconds, 3),
-            "fit_seconds": round(fit_seconds, 3),
-            "images_per_second": round(total / seconds, 3) if seconds > 0 else None,
-            "fit_images_per_second": round(fitted / fit_seconds, 3) if fit_seconds > 0 else None,
-            "mean_psnr": round(psnr_sum / fitted, 4) if fitted else None,
-            # Shard-level problems (truncated or corrupt tar, ...): the rows before them are kept.
-            "errors": reader.errors,
-            "truncated": bool(reader.errors),
-            "sample_errors": sample_errors,
-            "tar_members": reader.files,
-            "attempt": attempt,
-            "worker": self.worker_id,
-            "host": socket.gethostname(),
-            "device": self.device,
-            "strokes": self.fit_config.strokes,
-            "size": self.fit_config.size,
-            "batch_size": cfg.batch_size,
-            "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
-            "finished_at": datetime.now(timezone.utc).isoformat(),
-        }
-        return writer.commit(stats)
+            self._current = current
+        current.run()
+        return current.finish()
 
     # -- the fit -----------------------------------------------------------------------
-    def _fit_chunk(self, chunk: _Chunk, seed: int, fitted_before: bool = False) -> tuple[list[dict], float | None]:
+    def _fit_chunk(self, chunk: _Chunk, seed: int, fitted_before: bool = False) -> tuple[list[Row], float]:
         """Rows for one chunk, in input order, and the seconds spent fitting.
 
-        Seconds is None when the shard must fail: see the rule below.
+        Raises BatchFailed when every image of the batch raised (see the rule below).
         """
-        ready = [r for r in chunk.records if r.status == "ok"]
-        fits: dict[int, dict] = {}
+        ready = [r for r in chunk.records if r.status == Status.OK]
+        fits: dict[int, FitResult] = {}
         seconds = 0.0
         if ready:
             results, seconds = self._fit_images(chunk.targets, seed)
@@ -280,39 +339,27 @@ class ShardEncoder:
             fits = {id(r): res for r, res in zip(ready, results)}
             # Every image raising is the encoder or the device failing, not the data; a lone
             # image raising after others of this shard fitted is that image's problem.
-            if all(res["status"] == "fit_error" for res in results) and (len(ready) > 1 or not fitted_before):
-                first = results[0]
-                return [{"key": ready[0].key, "error_message": first["error_message"]}], None
-        rows = []
-        for record in chunk.records:
-            row = {
-                "key": record.key,
-                "caption": record.caption,
-                "url": record.url,
-                "width": record.width,
-                "height": record.height,
-                "status": record.status,
-                "error_message": record.error_message,
-                "meta": record.meta,  # the writer keeps img2dataset's fields beside the strokes
-            }
-            row.update(fits.get(id(record), {}))
-            rows.append(row)
-        return rows, seconds
+            if all(res.status == Status.FIT_ERROR for res in results) and (len(ready) > 1 or not fitted_before):
+                raise BatchFailed(f"every image of a batch of {len(ready)} raised in fit_batch: {results[0].error_message}")
+        return [Row.make(record, fits.get(id(record))) for record in chunk.records], seconds
 
-    def _fit_images(self, targets: torch.Tensor, seed: int) -> tuple[list[dict], float]:
-        """fit_batch on ``[B, 3, S, S]`` -> one result dict per image.
+    def _fit_images(self, targets: torch.Tensor, seed: int) -> tuple[list[FitResult], float]:
+        """fit_batch on ``[B, 3, S, S]`` -> one FitResult per image.
 
         An exception splits the batch in halves until the failing image is alone
-        and gets a 'fit_error' row; out-of-memory errors split the same way, which
-        also lets a batch too large for the device finish.
+        and gets a FIT_ERROR row. Out of memory splits the same way (a smaller
+        batch may fit), but a single image out of memory is the device's
+        problem, not the image's: it raises, and the shard is retried.
         """
         try:
             result = encoder.fit_batch(targets, self.fit_config, device=self.device, seed=seed)
         except Exception as exc:  # noqa: BLE001
-            if _fatal(exc):
+            if _fatal(exc) or (is_out_of_memory(exc) and targets.shape[0] == 1):
                 raise
             if targets.shape[0] == 1:
-                return [{"status": "fit_error", "error_message": f"{type(exc).__name__}: {exc}"[:2000]}], 0.0
+                return [FitResult(Status.FIT_ERROR, f"{type(exc).__name__}: {exc}"[:2000])], 0.0
+            if is_out_of_memory(exc) and torch.cuda.is_available():
+                torch.cuda.empty_cache()  # hand the failed batch's memory back before the halves try
             half = targets.shape[0] // 2
             first, s1 = self._fit_images(targets[:half], seed)
             second, s2 = self._fit_images(targets[half:], seed)
@@ -330,24 +377,20 @@ class ShardEncoder:
             finite = bool(torch.isfinite(strokes[i]).all() and torch.isfinite(background[i]).all())
             finite = finite and math.isfinite(float(psnr[i]))
             if bool(ok[i]) and finite:
-                out.append({"status": "ok", "strokes": strokes[i].numpy(), "background": background[i].numpy(),
-                            "psnr": float(psnr[i]), "fit_seconds": per_image})  # fmt: skip
+                out.append(FitResult(Status.OK, None, strokes[i].numpy(), background[i].numpy(), float(psnr[i]), per_image))
             else:
                 why = "fit diverged (encoder reported ok=False)" if not bool(ok[i]) else "fit returned non-finite values"
-                out.append({"status": "fit_failed", "error_message": why, "fit_seconds": per_image})
+                out.append(FitResult(Status.FIT_FAILED, why, fit_seconds=per_image))
         return out, float(result.seconds)
 
     # -- bookkeeping -------------------------------------------------------------------
-    def _report(self, shard_id: str, rows: list[dict]) -> None:
-        ok = [r for r in rows if r["status"] == "ok"]
-        with self._lock:
-            p = self._progress
-            p["images"] += len(rows)
-            p["ok"] += len(ok)
-            p["failed"] += len(rows) - len(ok)
-            p["psnr_sum"] += sum(r["psnr"] for r in ok)
+    def _metrics_record(self, rows: list[Row]) -> None:
         if self._metrics is not None:
             self._metrics.record(rows)
+
+    def _check_cancelled(self) -> None:
+        if self._cancelled.is_set():
+            raise Cancelled("the run was interrupted")
 
     def _maybe_crash(self) -> None:
         """Fault injection for tests: die hard, once per marker file, mid-shard.

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from encoder import STROKE_FIELDS
 
 from . import storage
-from .shards import parquet_path, stats_path, temp_path
+from .shards import incomplete_path, parquet_path, stats_path, temp_path
 
 FORMAT_VERSION = "2"
 COLUMNS = ("key", "caption", "url", "width", "height", "original_width", "original_height", "sha256", "crop_box",
@@ -234,8 +234,18 @@ class ShardWriter(ParquetRowWriter):
                          row_group_size)
 
     def commit(self, stats: dict) -> dict:  # type: ignore[override]
-        """Finish the Parquet file, move it into place, then write the stats (the done marker)."""
+        """Finish the Parquet file, move it into place, then write the stats (the done marker).
+
+        Stats with ``complete: false`` (the source failed part-way) get an ``{id}.incomplete``
+        marker first, which a listing shows: resume on an object store, which reads no stats
+        file, still redoes the shard. A complete commit removes the marker, after its stats.
+        """
+        marker = incomplete_path(self.out_dir, self.shard_id)
+        if stats.get("complete") is False:
+            write_json_atomic(marker, {"shard_id": self.shard_id, "errors": stats.get("errors", [])})
         super().commit()
         stats = {**stats, "rows": self.rows, "parquet": self.final.name, "parquet_bytes": self.final.stat().st_size}
         write_json_atomic(stats_path(self.out_dir, self.shard_id), stats)
+        if stats.get("complete") is not False:
+            marker.unlink(missing_ok=True)
         return stats

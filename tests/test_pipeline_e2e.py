@@ -8,6 +8,7 @@ tests of this module through a module-scoped fixture.
 from __future__ import annotations
 
 import functools
+import gzip
 import http.server
 import json
 import math
@@ -27,7 +28,7 @@ import torch
 from encoder.strokes import FIELDS, validate
 from pipeline.dataset import StrokeDataset
 from pipeline.driver import SUMMARY_NAME
-from pipeline.shards import META_DIR, stats_path
+from pipeline.shards import META_DIR, settings_path, stats_path
 from pipeline_samples import REPO, bad_samples, photo, run_encode, tiny_config, write_tar
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "immunohistochemistry"]
@@ -101,14 +102,15 @@ def run(tmp_path_factory):
     shutil.copy(downloaded / "00001.tar", inputs / "00001.tar")
     planted = bad_samples()
     write_tar(inputs / "00001.tar", planted, mode="a")
-    # A tar cut inside a member (a download that died), and an empty shard.
-    data = (downloaded / "00000.tar").read_bytes()
-    (inputs / "00002.tar").write_bytes(data[: len(data) // 2 + 100])
+    # A gzip-compressed copy (read by its magic bytes), and an empty shard. Damaged shards fail
+    # their shard (test_pipeline_reliability.py), so none is here: this run must end with exit 0.
+    (inputs / "00002.tar.gz").write_bytes(gzip.compress((downloaded / "00000.tar").read_bytes()))
     write_tar(inputs / "00003.tar", [])
 
     config = tiny_config(tmp / "tiny.yaml", batch_size=3)
     out = tmp / "out"
-    args = ["--shards", str(inputs / "{00000..00003}.tar"), "--output", str(out), "--config", str(config),
+    args = ["--shards", str(inputs / "{00000..00001}.tar"), str(inputs / "00002.tar.gz"), str(inputs / "00003.tar"),
+            "--output", str(out), "--config", str(config),
             "--gpus", "0", "--workers", "2", "--num-cpus", "2", "--no-dashboard",
             "--strokes", "10", "--size", "32", "--batch-size", "4"]  # fmt: skip
     first = run_encode(args)
@@ -128,10 +130,11 @@ def test_every_sample_once_with_its_caption(run):
     assert run["first"].returncode == 0, run["first"].stderr[-4000:]
     out, inputs = run["out"], run["inputs"]
     assert sorted(_files(out)) == sorted(
-        [f"{i:05d}.parquet" for i in range(4)] + [f"{META_DIR}/{i:05d}_stats.json" for i in range(4)] + [SUMMARY_NAME]
-    )  # no temporary file left behind
+        [f"{i:05d}.parquet" for i in range(4)] + [f"{META_DIR}/{i:05d}_stats.json" for i in range(4)]
+        + [SUMMARY_NAME, f"{META_DIR}/settings.json"]
+    )  # no temporary file, no lock left behind
     for sid in ("00000", "00001", "00002", "00003"):
-        members = _readable_members(inputs / f"{sid}.tar")
+        members = _readable_members(inputs / (f"{sid}.tar.gz" if sid == "00002" else f"{sid}.tar"))
         rows = _rows(out, sid)
         assert [r["key"] for r in rows] == list(members), sid  # exactly once, in tar order
         for row in rows:
@@ -155,7 +158,7 @@ def test_bad_samples_become_rows_with_messages(run):
     stats = json.loads(stats_path(run["out"], "00001").read_text())
     assert stats["status_counts"]["decode_error"] == 3 and stats["status_counts"]["too_small"] == 1
     assert stats["status_counts"]["too_large"] == 1 and stats["status_counts"]["missing_image"] == 1
-    assert len(stats["sample_errors"]) == stats["failed"] and not stats["errors"]
+    assert len(stats["sample_errors"]) == stats["failed"] and not stats["errors"] and stats["complete"]
 
 
 def test_ok_rows_hold_valid_strokes(run):
@@ -176,20 +179,21 @@ def test_ok_rows_hold_valid_strokes(run):
             assert all(0 <= c <= 1 for c in row["background"])
             assert math.isfinite(row["psnr"]) and row["psnr"] > 8 and row["fit_seconds"] > 0
             downloaded += row["url"].startswith("http://127.0.0.1")
-    assert downloaded >= 7  # every photo img2dataset fetched (some twice: 00002 is a cut copy of 00000)
+    assert downloaded >= 7  # every photo img2dataset fetched (some twice: 00002 is a gzipped copy of 00000)
 
 
-def test_stream_errors_empty_shards_and_summary(run):
+def test_compressed_and_empty_shards_and_summary(run):
     out = run["out"]
-    cut = json.loads(stats_path(out, "00002").read_text())
-    assert cut["errors"] and cut["truncated"] and cut["total"] == len(_rows(out, "00002"))
+    gz = json.loads(stats_path(out, "00002").read_text())
+    assert gz["compression"] == "gzip" and gz["complete"] and gz["total"] == len(_rows(out, "00000")) > 0
     empty = json.loads(stats_path(out, "00003").read_text())
     assert empty["total"] == 0 and pq.read_table(out / "00003.parquet").num_rows == 0 and not empty["errors"]
     summary = json.loads((out / SUMMARY_NAME).read_text())
     stats = [json.loads(stats_path(out, f"{i:05d}").read_text()) for i in range(4)]
     assert summary["shards_encoded"] == 4 and summary["shards_failed"] == 0
     assert summary["images"] == sum(s["total"] for s in stats) and summary["ok"] == sum(s["ok"] for s in stats)
-    assert summary["shards_with_stream_errors"] == ["00002"]
+    assert all(s["complete"] and not s["errors"] for s in stats)
+    assert json.loads(settings_path(out).read_text()) == {"format_version": "2", "strokes": 10, "size": 32}
     assert "PainterBot summary" in run["first"].stdout
     data = StrokeDataset(out)
     assert len(data) == summary["ok"] and data[0]["strokes"].shape == (10, 10)

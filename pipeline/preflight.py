@@ -1,0 +1,177 @@
+"""Every check before anything starts: settings, flags, the output folder, the shards, the Ray address.
+
+``prepare`` turns the parsed options into a ``Setup`` or raises ValueError on
+the first problem, before Ray, the lock or any worker exists, so a bad value
+is one ``error:`` line and exit status 2 instead of a traceback (or a hang)
+after Ray started.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import encoder
+
+from . import storage
+from .config import PipelineConfig, load_pipeline_config
+from .shards import Shard, make_shards, missing_local
+from .sources import check_url, local_path
+from .writer import FORMAT_VERSION
+
+if TYPE_CHECKING:
+    from .driver import RunOptions
+
+
+DEVICES = "auto, cpu, cuda or cuda:N"
+
+
+def resolve_device(requested: str | None, gpus: int | None, local: bool = True) -> tuple[str, int | None]:
+    """(worker device 'cpu' | 'cuda', number of GPU workers or None for all); ValueError when impossible.
+
+    ``--gpus 0`` means CPU workers; ``--device cuda`` with ``--gpus 0`` is a
+    contradiction. ``local``: the GPUs are this machine's, so they are counted
+    here; a cluster's are counted once attached.
+    """
+    requested = (requested or "auto").lower()
+    if requested not in ("auto", "cpu", "cuda") and not (requested.startswith("cuda:") and requested[5:].isdigit()):
+        raise ValueError(f"--device must be {DEVICES}, got {requested!r}")
+    if gpus is not None and gpus < 0:
+        raise ValueError(f"--gpus must be >= 0, got {gpus}")
+    if requested == "cpu":
+        if gpus:
+            raise ValueError("--device cpu contradicts --gpus > 0")
+        return "cpu", 0
+    if gpus == 0:
+        if requested.startswith("cuda"):
+            raise ValueError("--device cuda needs --gpus >= 1")
+        return "cpu", 0
+    if requested.startswith("cuda") and not local:
+        return "cuda", gpus
+    import torch
+
+    if not local:
+        # A cluster's GPUs are counted once attached (prepare asks the cluster when this machine has none).
+        return ("cpu", 0) if gpus is None and not torch.cuda.is_available() else ("cuda", gpus)
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if requested == "auto" and gpus is None and not available:
+        return "cpu", 0
+    if not available:
+        raise ValueError("no GPU is visible on this machine: use --gpus 0 (CPU workers), or --address to join a cluster")
+    if gpus is not None and gpus > available:
+        raise ValueError(f"--gpus {gpus} asked, this machine has {available} GPU(s)")
+    return "cuda", gpus
+
+
+def _ray_address(options: RunOptions) -> str | None:
+    """The cluster to join on purpose (--address, else RAY_ADDRESS), or None: start our own."""
+    return options.address or os.environ.get("RAY_ADDRESS") or None
+
+
+def check_ray_address(address: str, timeout: float) -> None:
+    """Fail in bounded time when nothing listens at the cluster's address (ray.init would wait ~15 minutes)."""
+    target = address[len("ray://"):] if address.startswith("ray://") else address
+    if target == "auto":
+        from ray._private.services import canonicalize_bootstrap_address
+
+        try:
+            target = canonicalize_bootstrap_address("auto") or ""
+        except (ConnectionError, ValueError) as exc:
+            raise ValueError(f"--address auto: {exc}") from None
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"--address must be 'auto', HOST:PORT or ray://HOST:PORT, got {address!r}")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ValueError(f"cannot reach the Ray cluster at {target} within {timeout:g} s: {exc}") from None
+
+
+def _check_output(output: str) -> str:
+    if storage.is_fs_uri(output):
+        # An object store (s3://bucket/prefix) or another filesystem: a prefix needs no creating,
+        # but its bucket must exist (mkdir checks it, one request).
+        out = storage.location(output)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot use the output {output}: {exc}") from None
+        return str(out)
+    out = storage.location(output).resolve()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"cannot create the output folder {out}: {exc.strerror or exc}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"the output folder {out} is not writable")
+    return str(out)
+
+
+def _check_shards(specs: list[str], out: str) -> list[Shard]:
+    shards = make_shards(specs)
+    if not shards:
+        raise ValueError(f"no shards matched {specs}")
+    for shard in shards:
+        check_url(shard.url)
+        if shard.url.endswith(".tar.zst") and not shard.url.startswith("pipe:"):
+            # No zstd decoder in the standard library; a pipe: command may decompress it (zstd -dc).
+            raise ValueError(f"zstd-compressed shards are not supported: {shard.url} "
+                             "(decompress them, or pass pipe:zstd -dc FILE)")  # fmt: skip
+    missing = missing_local(shards)
+    if missing:
+        raise ValueError(f"{len(missing)} of {len(shards)} local shards do not exist, e.g. {missing[0]}")
+    # Local and filesystem-URI sources (streams have no folder); a remote source's existence is left to
+    # the run (a listing already found the ones a folder or pattern named).
+    inputs = {str(Path(p).resolve().parent) for p in map(local_path, (s.url for s in shards)) if p is not None}
+    inputs |= {storage.folder_of(s.url) for s in shards if storage.is_fs_uri(s.url)}
+    if out in inputs:
+        # img2dataset keeps its own {id}.parquet (url metadata) beside each {id}.tar.
+        raise ValueError(f"--output {out} holds input shards: its {{id}}.parquet files would be overwritten")
+    return shards
+
+
+@dataclass
+class Setup:
+    """A run whose every setting, flag, path and shard has been checked."""
+
+    options: RunOptions
+    fit_config: encoder.FitConfig
+    cfg: PipelineConfig
+    out: str
+    shards: list[Shard]
+    device: str
+    gpus: int | None
+    address: str | None
+
+    def row_settings(self) -> dict:
+        """What shapes the rows of the output folder (kept in its settings file)."""
+        return {"format_version": FORMAT_VERSION, "strokes": self.fit_config.strokes, "size": self.fit_config.size}
+
+
+def prepare(options: RunOptions) -> Setup:
+    """Check everything before anything starts; ValueError (one line) on the first problem."""
+    fit_config = encoder.load_config(options.config, **options.encoder_overrides)
+    if options.device is not None:
+        resolve_device(options.device, None, local=False)  # the flag's spelling, before FitConfig's message
+    cfg = load_pipeline_config(options.config, **options.pipeline_overrides)
+    address = _ray_address(options) if options.use_ray else None
+    requested = options.device or fit_config.device
+    device, gpus = resolve_device(requested, options.gpus, local=address is None)
+    if not options.use_ray and requested.startswith("cuda:"):
+        device = requested  # in-process, a specific GPU may be named
+    out = _check_output(options.output)
+    shards = _check_shards(options.shards, out)
+    if address is not None:
+        check_ray_address(address, cfg.connect_timeout)
+        if requested == "auto" and options.gpus is None and device == "cpu":
+            from .cluster import cluster_gpus  # attaches to the cluster (checked reachable just above)
+
+            if cluster_gpus(address):
+                device = "cuda"  # a head node without a GPU still drives GPU workers on the others
+    fit_config = dataclasses.replace(fit_config, device=device)
+    return Setup(options, fit_config, cfg, out, shards, device, gpus, address)
