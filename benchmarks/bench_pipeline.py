@@ -35,7 +35,7 @@ import encoder  # noqa: E402
 from pipeline.config import CPU_PRESET, DEFAULT_PRESET, load_pipeline_config  # noqa: E402
 from pipeline.demo import PHOTOS, photo  # noqa: E402
 from pipeline.reader import ShardReader  # noqa: E402
-from pipeline.shards import make_shards  # noqa: E402
+from pipeline.shards import make_shards, meta_dir  # noqa: E402
 from pipeline.worker import ShardEncoder  # noqa: E402
 
 
@@ -121,7 +121,7 @@ def bench_ray(urls, args, device, out: Path) -> tuple[int, float, float, float]:
     wall = time.perf_counter() - start
     if code != 0:
         raise RuntimeError("the Ray run failed")
-    stats = [json.loads(p.read_text()) for p in sorted((out / "ray").glob("*_stats.json"))]
+    stats = [json.loads(p.read_text()) for p in sorted(meta_dir(out / "ray").glob("*_stats.json"))]
     # The first shard carries the actor's warm-up (compilation); the others are steady state.
     steady = stats[1:] or stats
     return (sum(s["total"] for s in steady), sum(s["seconds"] for s in steady), sum(s["fit_seconds"] for s in steady),
@@ -169,7 +169,7 @@ def main() -> int:
     results = []
     for name, n, s, fitting, wall in rows:
         rate = n / s if s > 0 else float("nan")
-        share = f"{fitting / s:11.1%}" if fitting is not None else f"{'':11s}"
+        share = f"{fitting / s:11.1%}" if fitting is not None and s > 0 else f"{'':11s}"
         print(f"{name:36s} {n:7d} {s:9.2f} {rate:9.2f} {rate / ceiling:9.2f}x {share}")
         results.append({"mode": name, "images": n, "seconds": s, "images_per_second": rate, "vs_encoder": rate / ceiling,
                         "fit_seconds": fitting, "wall_with_ray_startup": wall})  # fmt: skip

@@ -1,5 +1,6 @@
 """The Triton renderer against the dense reference (the oracle), on random strokes and edge cases."""
 import math
+import zlib
 
 import pytest
 import torch
@@ -38,7 +39,10 @@ def check(s, base, tgt, loss, fwd_tol=1e-4, grad_tol=1e-3, tile=(8, 16)):
 @pytest.mark.parametrize("loss", LOSSES)
 def test_random_strokes_match_reference(shape, loss):
     b, n, h, w = shape
-    gen = torch.Generator().manual_seed(hash((shape, loss)) % 2**31)
+    # A fixed seed per case: hash() of a tuple with a str changes with PYTHONHASHSEED, and the L1 losses'
+    # gradients are sign(residual), which float32 and float64 may disagree on for a pixel whose residual
+    # is within rounding of zero (1 seed in 20 drew such a pixel, giving ~1% relative error in cx/cy/rot).
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, loss)).encode()))
     s = compact(random_strokes(b, n, w / h, generator=gen))
     base = torch.rand(b, 3, h, w, generator=gen)
     tgt = torch.rand(b, 3, h, w, generator=gen)  # a different target per image
