@@ -18,6 +18,8 @@ from .sources import Timeouts
 
 DEFAULT_PRESET = "default"
 CPU_PRESET = "cpu_small"
+# Types a kept img2dataset .json field may have as its own column (pyarrow type names).
+EXTRA_COLUMN_TYPES = ("float64", "int64", "string", "bool")
 
 
 @dataclass
@@ -64,6 +66,10 @@ class PipelineConfig:
     # A tar member larger than this is not read: its sample becomes a too_large row. Bounds a
     # worker's memory against a huge caption or image member (the pixel limit needs the bytes first).
     max_member_bytes: int = 128 * 1024 * 1024
+    # Fields of img2dataset's per-sample .json to keep as typed columns of their own, e.g.
+    # {AESTHETIC_SCORE: float64, pwatermark: float64} for LAION; the rest stay in the extra column.
+    # Every file of a folder must share one schema, so this is set per run, not found per shard.
+    extra_columns: dict = dataclasses.field(default_factory=dict)
     # Remote shards (http(s), pipe:): seconds to connect (or start the command), and seconds any one
     # read may wait for data. A stalled source fails the attempt within them.
     connect_timeout: float = 30.0
@@ -71,6 +77,10 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         encoder.check_field_types(self, "pipeline")
+        for name, kind in self.extra_columns.items():
+            if not isinstance(name, str) or kind not in EXTRA_COLUMN_TYPES:
+                raise ValueError(f"pipeline.extra_columns maps .json field names to one of "
+                                 f"{', '.join(EXTRA_COLUMN_TYPES)}, got {name!r}: {kind!r}")  # fmt: skip
         at_least_one = ("batch_size", "reader_threads", "prefetch_batches", "row_group_size", "workers",
                         "cpus_per_worker", "max_image_pixels", "min_image_side", "max_error_messages",
                         "max_member_bytes")  # fmt: skip

@@ -150,7 +150,10 @@ class Setup:
 
     def row_settings(self) -> dict:
         """What shapes the rows of the output folder (kept in its settings file)."""
-        return {"format_version": FORMAT_VERSION, "strokes": self.fit_config.strokes, "size": self.fit_config.size}
+        settings = {"format_version": FORMAT_VERSION, "strokes": self.fit_config.strokes, "size": self.fit_config.size}
+        if self.cfg.extra_columns:  # typed .json columns change the schema: one set per folder
+            settings["extra_columns"] = dict(self.cfg.extra_columns)
+        return settings
 
 
 def prepare(options: RunOptions) -> Setup:

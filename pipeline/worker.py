@@ -137,7 +137,8 @@ class _Attempt:
         self.reader = ShardReader(url, fit.size, cfg.max_image_pixels, cfg.min_image_side, cfg.jpeg_draft,
                                   cfg.reader_threads, max_member_bytes=cfg.max_member_bytes,
                                   timeouts=cfg.timeouts())  # fmt: skip
-        self.writer = ShardWriter(out_dir, shard_id, fit.strokes, owner._file_metadata(url), cfg.row_group_size)
+        self.writer = ShardWriter(out_dir, shard_id, fit.strokes, owner._file_metadata(url), cfg.row_group_size,
+                                  cfg.extra_columns)
         self.tally = Tally()
         self.fit_seconds = 0.0
         self.sample_errors: list[str] = []

@@ -45,8 +45,13 @@ def strokes_type() -> pa.DataType:
     return pa.list_(pa.list_(pa.float32(), len(STROKE_FIELDS)))
 
 
-def make_schema(n_strokes: int, metadata: dict[str, str] | None = None) -> pa.Schema:
-    """The output schema; ``metadata`` values land under ``painterbot.*`` keys of the file."""
+def make_schema(n_strokes: int, metadata: dict[str, str] | None = None,
+                extra_columns: dict[str, str] | None = None) -> pa.Schema:  # fmt: skip
+    """The output schema; ``metadata`` values land under ``painterbot.*`` keys of the file.
+
+    ``extra_columns`` (field -> pyarrow type name) adds typed columns after ``extra``, filled from
+    the sample's .json (``pipeline.extra_columns`` in the config).
+    """
     fields = [
         pa.field("key", pa.string(), nullable=False),
         pa.field("caption", pa.string()),
@@ -64,6 +69,7 @@ def make_schema(n_strokes: int, metadata: dict[str, str] | None = None) -> pa.Sc
         pa.field("psnr", pa.float32()),
         pa.field("fit_seconds", pa.float32()),
         pa.field("extra", pa.string()),
+        *(pa.field(name, pa.type_for_alias(kind)) for name, kind in (extra_columns or {}).items()),
     ]
     meta = {
         f"{META_PREFIX}format_version": FORMAT_VERSION,
@@ -92,17 +98,35 @@ def center_crop_box(width: int | None, height: int | None) -> list[float] | None
     return [left, top, left + side, top + side]
 
 
-def _meta_columns(meta: dict | None) -> dict:
-    """img2dataset's .json -> original_width, original_height, sha256 and ``extra`` (the rest, as JSON)."""
+def _typed(value, kind: pa.DataType):
+    """A .json value as a value of ``kind``, or None when it is not one (a missing or mistyped field)."""
+    if value is None or isinstance(value, bool) != pa.types.is_boolean(kind):
+        return None
+    if pa.types.is_floating(kind):
+        return float(value) if isinstance(value, (int, float)) else None
+    if pa.types.is_integer(kind):
+        return int(value) if isinstance(value, int) or (isinstance(value, float) and value.is_integer()) else None
+    if pa.types.is_string(kind):
+        return value if isinstance(value, str) else None
+    return value
+
+
+def _meta_columns(meta: dict | None, typed: dict[str, pa.DataType]) -> dict:
+    """img2dataset's .json -> original_width, original_height, sha256, the ``typed`` columns and ``extra``.
+
+    ``extra`` holds, as JSON, every field that is not a column of its own; a typed field whose value
+    does not fit its type stays in ``extra`` (and its column is null), so nothing is lost.
+    """
     meta = meta or {}
+    kept = {name: _typed(meta.get(name), kind) for name, kind in typed.items()}
 
     def integer(name):
         value = meta.get(name)
         return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
-    rest = {k: v for k, v in meta.items() if k not in _JSON_AS_COLUMNS}
+    rest = {k: v for k, v in meta.items() if k not in _JSON_AS_COLUMNS and kept.get(k) is None}
     sha = meta.get("sha256")
-    return {"original_width": integer("original_width"), "original_height": integer("original_height"),
+    return {**kept, "original_width": integer("original_width"), "original_height": integer("original_height"),
             "sha256": sha if isinstance(sha, str) else None,
             "extra": json.dumps(rest, sort_keys=True, default=str) if rest else None}  # fmt: skip
 
@@ -143,10 +167,11 @@ def rows_to_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
     sample's parsed .json, from which original_width, original_height, sha256 and extra are taken;
     crop_box is derived from width and height.
     """
-    rows = [{**row, **_meta_columns(row.get("meta")), "crop_box": center_crop_box(row.get("width"), row.get("height"))}
-            for row in rows]  # fmt: skip
+    typed = {name: schema.field(name).type for name in schema.names[len(COLUMNS):]}
+    rows = [{**row, **_meta_columns(row.get("meta"), typed),
+             "crop_box": center_crop_box(row.get("width"), row.get("height"))} for row in rows]  # fmt: skip
     columns = {}
-    for name in COLUMNS:
+    for name in (*COLUMNS, *typed):
         values = [row.get(name) for row in rows]
         if name == "strokes":
             columns[name] = _stroke_lists(values)
@@ -183,10 +208,10 @@ class ParquetRowWriter:
     """
 
     def __init__(self, path: str | Path, n_strokes: int, metadata: dict[str, str] | None = None,
-                 row_group_size: int = 256):  # fmt: skip
+                 row_group_size: int = 256, extra_columns: dict[str, str] | None = None):  # fmt: skip
         self.final = storage.location(path)
         self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.schema = make_schema(n_strokes, metadata)
+        self.schema = make_schema(n_strokes, metadata, extra_columns)
         self.tmp = temp_path(self.final, uuid.uuid4().hex[:12])
         self.row_group_size = row_group_size
         self.rows = 0
@@ -227,11 +252,12 @@ class ShardWriter(ParquetRowWriter):
     """``{id}.parquet`` of one shard, then its stats file (the done marker), in that order."""
 
     def __init__(self, out_dir: str | Path, shard_id: str, n_strokes: int,
-                 metadata: dict[str, str] | None = None, row_group_size: int = 256):  # fmt: skip
+                 metadata: dict[str, str] | None = None, row_group_size: int = 256,
+                 extra_columns: dict[str, str] | None = None):  # fmt: skip
         self.out_dir = storage.location(out_dir)
         self.shard_id = shard_id
         super().__init__(parquet_path(self.out_dir, shard_id), n_strokes, {"shard_id": shard_id, **(metadata or {})},
-                         row_group_size)
+                         row_group_size, extra_columns)
 
     def commit(self, stats: dict) -> dict:  # type: ignore[override]
         """Finish the Parquet file, move it into place, then write the stats (the done marker).

@@ -41,15 +41,20 @@ def real_run(tmp_path_factory):
     for i, s in enumerate(samples):
         s["files"]["json"] = json.dumps({"url": f"http://example.invalid/{s['key']}.jpg", "sha256": f"{i:064x}",
                                          "original_width": 480, "original_height": 360, "status": "success",
-                                         "AESTHETIC_SCORE": 5.0 + i, "pwatermark": 0.1}).encode()  # fmt: skip
+                                         "AESTHETIC_SCORE": 5.0 + i, "pwatermark": 0.1 if i != 2 else "unknown",
+                                         "NSFW": "UNLIKELY"}).encode()  # fmt: skip
     del samples[1]["files"]["txt"], samples[1]["files"]["json"]
     write_tar(tmp / "in" / "00000.tar", samples[:3] + [bad_samples()[0]])
     write_tar(tmp / "in" / "00001.tar", samples[3:])
     out = tmp / "out"
     options = RunOptions(shards=[str(tmp / "in" / "{00000..00001}.tar")], output=str(out),
-                         config=str(tiny_config(tmp / "tiny.yaml")), device="cpu", use_ray=False, progress=False)  # fmt: skip
+                         config=str(tiny_config(tmp / "tiny.yaml", extra_columns=TYPED)), device="cpu", use_ray=False,
+                         progress=False)  # fmt: skip
     assert run(options) == 0
     return {"out": out, "tmp": tmp, "ok": 6, "rows": 7}
+
+
+TYPED = {"AESTHETIC_SCORE": "float64", "pwatermark": "float64"}  # LAION's scores as columns of their own
 
 
 # -- every standard reader, pointed at the folder ------------------------------------------------
@@ -76,15 +81,16 @@ def test_pandas_reads_the_folder(real_run):
     assert len(df) == real_run["rows"] and len(ok) == real_run["ok"]
     strokes = np.stack(ok.strokes.iloc[0])
     assert strokes.shape == (N_STROKES, 10) and strokes.dtype == np.float32
-    assert set(json.loads(ok.extra.dropna().iloc[0])) == {"AESTHETIC_SCORE", "pwatermark"}
+    assert ok.AESTHETIC_SCORE.dtype == np.float64 and set(json.loads(ok.extra.dropna().iloc[0])) >= {"NSFW"}
 
 
 def test_duckdb_reads_the_folder(real_run):
     duckdb = pytest.importorskip("duckdb")
-    found = duckdb.sql(f"select key, strokes, extra->>'$.AESTHETIC_SCORE' as aesthetic from "
+    found = duckdb.sql(f"select key, strokes, AESTHETIC_SCORE, extra->>'$.NSFW' as nsfw from "
                        f"read_parquet('{real_run['out']}/*.parquet') where status = 'ok' order by key").fetchnumpy()  # fmt: skip
     assert len(found["key"]) == real_run["ok"]
     assert np.stack(found["strokes"][0]).shape == (N_STROKES, 10)
+    assert found["AESTHETIC_SCORE"][0] == 5.0 and found["nsfw"][0] == "UNLIKELY"
 
 
 def test_hugging_face_datasets_reads_the_folder(real_run, tmp_path):
@@ -114,7 +120,17 @@ def test_img2dataset_fields_and_crop_are_kept(real_run):
     rows = {r["key"]: r for r in pq.read_table(real_run["out"] / "00000.parquet").to_pylist()}
     first = rows["good0000"]
     assert (first["original_width"], first["original_height"], first["sha256"]) == (480, 360, f"{0:064x}")
-    assert json.loads(first["extra"]) == {"AESTHETIC_SCORE": 5.0, "pwatermark": 0.1}
+    # Typed fields are columns of their own; the rest of the .json stays in extra.
+    assert (first["AESTHETIC_SCORE"], first["pwatermark"]) == (5.0, 0.1)
+    assert json.loads(first["extra"]) == {"NSFW": "UNLIKELY"}
+    # A value that does not fit its column's type is null there and kept in extra, never lost.
+    odd = rows["good0002"]
+    assert odd["pwatermark"] is None and json.loads(odd["extra"]) == {"NSFW": "UNLIKELY", "pwatermark": "unknown"}
+    schema = pq.read_schema(real_run["out"] / "00000.parquet")
+    assert schema.field("AESTHETIC_SCORE").type == pa.float64()
+    # The typed columns shape the folder's schema, so the folder's settings record them.
+    settings = json.loads((real_run["out"] / META_DIR / "settings.json").read_text())
+    assert settings["extra_columns"] == TYPED
     w, h = first["width"], first["height"]
     side = min(w, h)
     assert first["crop_box"] == pytest.approx([(w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2])
@@ -309,3 +325,12 @@ def test_training_example_runs_and_paints(real_run, tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as done:
         runpy.run_path(str(ROOT / "examples" / "train_strokes.py"), run_name="__main__")
     assert done.value.code == 0 and Image.open(png).size == (24, 24)
+
+
+def test_extra_columns_setting_is_checked():
+    from pipeline.config import PipelineConfig
+
+    assert PipelineConfig(extra_columns={"AESTHETIC_SCORE": "float64"}).extra_columns
+    for bad in ({"AESTHETIC_SCORE": "float"}, {"x": 3}, ["AESTHETIC_SCORE"]):
+        with pytest.raises(ValueError, match="extra_columns"):
+            PipelineConfig(extra_columns=bad)
