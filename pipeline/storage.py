@@ -38,7 +38,7 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-# Not filesystems: webdataset's gopen streams these (http GET, a shell command).
+# Not filesystems: sources.py streams these (an http GET, a command run without a shell).
 STREAM_SCHEMES = ("http", "https", "pipe")
 # Object stores pyarrow serves natively; their filesystem path is "bucket/key".
 ARROW_SCHEMES = ("s3", "gs", "gcs")

@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 import tarfile
+import time
 import zlib
 from pathlib import Path
 
@@ -179,3 +180,30 @@ def kill_pids(pids: list[int]) -> None:
             os.kill(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+
+
+def sigkill_driver_when(args: list, env: dict, log_path: Path, ready, poll: float = 0.05, timeout: float = 240) -> None:
+    """Start run_encode.py (``args``), SIGKILL it once ``ready()`` holds (bounded), end its orphans.
+
+    Ray's processes die with the driver, but its agents may linger as orphans: they are ended
+    by pid (seen as the driver's descendants), never by name.
+    """
+    helpers: set[int] = set()
+    with open(log_path, "w") as log:
+        driver = subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + timeout
+            while time.time() < deadline and driver.poll() is None:
+                helpers.update(descendants(driver.pid))
+                if ready():
+                    break
+                time.sleep(poll)
+            assert driver.poll() is None, Path(log_path).read_text()[-3000:]
+            helpers.update(descendants(driver.pid))
+            driver.send_signal(signal.SIGKILL)
+            driver.wait(timeout=30)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+            time.sleep(1)
+            kill_pids(sorted(helpers))

@@ -9,10 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -22,7 +20,7 @@ from pipeline import shards as S
 from pipeline import storage
 from pipeline.dataset import StrokeDataset, read_row
 from pipeline.writer import ShardWriter, write_json_atomic
-from pipeline_samples import (REPO, bad_samples, descendants, good_samples, kill_pids, tar_samples, tiny_config,
+from pipeline_samples import (REPO, bad_samples, good_samples, sigkill_driver_when, tar_samples, tiny_config,
                               write_tar)  # fmt: skip
 
 moto_server = pytest.importorskip("moto.server", reason="needs moto[server] (the dev extra)")
@@ -159,25 +157,9 @@ def test_bucket_to_bucket_killed_and_resumed_then_loaded(s3, tmp_path):
     # The worktree's code, whatever the venv has installed; credentials and endpoint travel by environment.
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
     log_path = tmp_path / "killed.log"
-    helpers: set[int] = set()
-    with open(log_path, "w") as log:
-        driver = subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.time() + 240
-            while time.time() < deadline and driver.poll() is None:  # kill after the first committed shard
-                helpers.update(descendants(driver.pid))
-                if any(k.endswith("_stats.json") for k in _keys(client, "e2e/out/__painterbot__/")):
-                    break
-                time.sleep(0.1)
-            assert driver.poll() is None, log_path.read_text()[-3000:]
-            helpers.update(descendants(driver.pid))
-            driver.send_signal(signal.SIGKILL)
-            driver.wait(timeout=30)
-        finally:
-            if driver.poll() is None:
-                driver.kill()
-            time.sleep(1)
-            kill_pids(sorted(helpers))  # Ray's helpers orphaned by the killed driver, by pid
+    # Kill after the first committed shard.
+    sigkill_driver_when(args, env, log_path, lambda: any(k.endswith("_stats.json")
+                                                         for k in _keys(client, "e2e/out/__painterbot__/")), poll=0.1)
     assert "5 shard(s): 5 to encode" in log_path.read_text()  # the folder spec was listed
     done_before = _check_bucket(client, tars)  # nothing partial under a final name
     assert 1 <= done_before < len(tars)

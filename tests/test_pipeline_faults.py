@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -18,7 +16,7 @@ import pytest
 
 from pipeline.driver import SUMMARY_NAME, RunOptions, run
 from pipeline.shards import meta_dir, stats_path
-from pipeline_samples import REPO, descendants, good_samples, kill_pids, tar_samples, tiny_config, write_tar
+from pipeline_samples import REPO, good_samples, sigkill_driver_when, tar_samples, tiny_config, write_tar
 
 
 def _shards(folder: Path, count: int, per_shard: int) -> list[Path]:
@@ -48,28 +46,9 @@ def test_killed_driver_then_crashing_worker_still_ends_exactly_once(tmp_path):
     args = [sys.executable, str(REPO / "run_encode.py"), "--shards", str(tmp_path / "in" / "*.tar"),
             "--output", str(out), "--config", str(config), "--gpus", "0", "--workers", "2", "--no-progress"]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    log = open(tmp_path / "killed.log", "w")
-    driver = subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    helpers: set[int] = set()
-    try:
-        deadline = time.time() + 240
-        # Kill once the first shard is committed and others are still being written.
-        while time.time() < deadline and driver.poll() is None:
-            helpers.update(descendants(driver.pid))
-            if list(meta_dir(out).glob("*_stats.json")) and list(out.glob(".*.tmp")):
-                break
-            time.sleep(0.05)
-        assert driver.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-        helpers.update(descendants(driver.pid))
-        driver.send_signal(signal.SIGKILL)
-        driver.wait(timeout=30)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-        log.close()
-        # Ray's processes die with the driver; its agents may linger as orphans: end them by pid.
-        time.sleep(1)
-        kill_pids(sorted(helpers))
+    # Kill once the first shard is committed and others are still being written.
+    sigkill_driver_when(args, env, tmp_path / "killed.log",
+                        lambda: bool(list(meta_dir(out).glob("*_stats.json")) and list(out.glob(".*.tmp"))))
     done_before = _check_final_files(out, tars)  # nothing partial under a final name
     assert 1 <= done_before < len(tars)
     # Interrupted shards were written under hidden temporary names (the workers may have
