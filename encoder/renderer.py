@@ -51,10 +51,11 @@ def loss_and_grad(
         from . import triton_render
 
         prepared = triton_render.prepare(strokes)
-        canvas, value = triton_render.forward(strokes, base, target, loss, prepared=prepared)
+        bins = _bins(prepared, base, loss)
+        canvas, value = triton_render.forward(strokes, base, target, loss, prepared=prepared, bins=bins)
         ones = torch.ones_like(value)
         grad, grad_base = triton_render.backward(strokes, base, target, canvas, ones, loss, base_grad, grad_out,
-                                                 prepared=prepared)
+                                                 prepared=prepared, bins=bins)
         return canvas, value, grad, grad_base
     with torch.enable_grad():
         s = strokes.detach().requires_grad_(True)
@@ -62,6 +63,15 @@ def loss_and_grad(
         canvas, value = reference.render_loss(s, b, target, loss)
         grads = torch.autograd.grad(value.sum(), [s, b] if base_grad else [s])
     return canvas.detach(), value.detach(), grads[0], (grads[1] if base_grad else None)
+
+
+def _bins(prepared: torch.Tensor, base: torch.Tensor, loss: str | None):
+    """Per-tile stroke lists when they pay for themselves (``triton_render.should_bin``), else None."""
+    from . import triton_render
+
+    if not triton_render.should_bin(prepared.shape[1], loss):
+        return None
+    return triton_render.bin_strokes(prepared, *base.shape[-2:])
 
 
 def composite(strokes: torch.Tensor, base: torch.Tensor, backend: str) -> torch.Tensor:
@@ -72,7 +82,10 @@ def composite(strokes: torch.Tensor, base: torch.Tensor, backend: str) -> torch.
         if backend == "triton":
             from . import triton_render
 
-            return triton_render.forward(strokes.contiguous(), base.contiguous())[0]
+            strokes = strokes.contiguous()
+            prepared = triton_render.prepare(strokes)
+            bins = _bins(prepared, base, None)
+            return triton_render.forward(strokes, base.contiguous(), prepared=prepared, bins=bins)[0]
         return reference.render_loss(strokes, base)[0]
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -189,58 +190,101 @@ def _reach(P, x0, x1, y0, y1):
     """Whether the prepared stroke at ``P`` can reach CULL opacity in the box [x0, x1] x [y0, y1],
     and a lower bound of its exponent q over the box (its opacity there is at most alpha * exp(-q)).
 
-    First the disc around the centre (cheap, rules out far tiles); then the
-    annular sector itself, since q = (kr rho^2 + kt phi^2) / 2 is at least the
-    sum of the two terms' minima over the box:
+    First the disc around the centre (cheap, rules out far tiles), then the
+    annular sector itself (`_q_min`).
+    """
+    hit = _in_disc(P, x0, x1, y0, y1)
+    q_min = 0.0 * x0
+    if hit:
+        q_min = _q_min(P, x0, x1, y0, y1)
+        hit = q_min <= tl.load(P + P_LOG_RATIO)
+    return hit, q_min
+
+
+@triton.jit
+def _in_disc(P, x0, x1, y0, y1):
+    """Whether the box meets the disc around the stroke's centre that holds its footprint."""
+    cx = tl.load(P + P_CX)
+    cy = tl.load(P + P_CY)
+    gx = tl.maximum(tl.maximum(x0 - cx, cx - x1), 0.0)
+    gy = tl.maximum(tl.maximum(y0 - cy, cy - y1), 0.0)
+    return gx * gx + gy * gy <= tl.load(P + P_REACH2)
+
+
+@triton.jit
+def _q_min(P, x0, x1, y0, y1):
+    """A lower bound of the exponent q of the prepared stroke at ``P`` over the box.
+
+    q = (kr rho^2 + kt phi^2) / 2 is at least the sum of the two terms'
+    minima over the box:
     - |rho| is at least the gap between the ring of radius mu and the range
       of the box's distances from the pole;
     - unless the box straddles the phi = 0 ray, |phi| is smallest at a corner,
       the one of largest cos(phi), and phi^2 >= 2 (1 - cos(phi)) on [0, pi]
       (tight for the small angles where culling decides; no arctangent).
+    Elementwise: ``P`` may be one stroke or a block of them (`_bin_kernel`).
     """
-    cx = tl.load(P + P_CX)
-    cy = tl.load(P + P_CY)
-    reach2 = tl.load(P + P_REACH2)
-    gx = tl.maximum(tl.maximum(x0 - cx, cx - x1), 0.0)
-    gy = tl.maximum(tl.maximum(y0 - cy, cy - y1), 0.0)
-    hit = gx * gx + gy * gy <= reach2
-    q_min = 0.0 * cx
-    if hit:
-        px = tl.load(P + P_PX)
-        py = tl.load(P + P_PY)
-        ax0 = x0 - px
-        ax1 = x1 - px
-        ay0 = y0 - py
-        ay1 = y1 - py
-        cs = tl.load(P + P_COS)
-        sn = tl.load(P + P_SIN)
-        mu = tl.load(P + P_MU)
-        nx = tl.maximum(tl.maximum(ax0, -ax1), 0.0)
-        ny = tl.maximum(tl.maximum(ay0, -ay1), 0.0)
-        fx = tl.maximum(tl.abs(ax0), tl.abs(ax1))
-        fy = tl.maximum(tl.abs(ay0), tl.abs(ay1))
-        d_near = tl.sqrt(nx * nx + ny * ny)
-        d_far = tl.sqrt(fx * fx + fy * fy)
-        # The 1e-6 slacks absorb float32 rounding.
-        rho_min = tl.maximum(tl.maximum(d_near - mu, mu - d_far) - 1e-6, 0.0)
-        u00 = cs * ax0 - sn * ay0
-        v00 = sn * ax0 + cs * ay0
-        u01 = cs * ax0 - sn * ay1
-        v01 = sn * ax0 + cs * ay1
-        u10 = cs * ax1 - sn * ay0
-        v10 = sn * ax1 + cs * ay0
-        u11 = cs * ax1 - sn * ay1
-        v11 = sn * ax1 + cs * ay1
-        v_hi = tl.maximum(tl.maximum(v00, v01), tl.maximum(v10, v11))
-        v_lo = tl.minimum(tl.minimum(v00, v01), tl.minimum(v10, v11))
-        u_hi = tl.maximum(tl.maximum(u00, u01), tl.maximum(u10, u11))
-        cos_max = tl.maximum(tl.maximum(_cos_of(u00, v00), _cos_of(u01, v01)),
-                             tl.maximum(_cos_of(u10, v10), _cos_of(u11, v11)))
-        straddles = (v_hi >= 0.0) & (v_lo <= 0.0) & (u_hi >= 0.0)
-        one_minus_cos = tl.where(straddles, 0.0, tl.maximum(1.0 - cos_max - 1e-6, 0.0))
-        q_min = 0.5 * tl.load(P + P_KR) * rho_min * rho_min + tl.load(P + P_KT) * one_minus_cos
-        hit = q_min <= tl.load(P + P_LOG_RATIO)
-    return hit, q_min
+    px = tl.load(P + P_PX)
+    py = tl.load(P + P_PY)
+    ax0 = x0 - px
+    ax1 = x1 - px
+    ay0 = y0 - py
+    ay1 = y1 - py
+    cs = tl.load(P + P_COS)
+    sn = tl.load(P + P_SIN)
+    mu = tl.load(P + P_MU)
+    nx = tl.maximum(tl.maximum(ax0, -ax1), 0.0)
+    ny = tl.maximum(tl.maximum(ay0, -ay1), 0.0)
+    fx = tl.maximum(tl.abs(ax0), tl.abs(ax1))
+    fy = tl.maximum(tl.abs(ay0), tl.abs(ay1))
+    d_near = tl.sqrt(nx * nx + ny * ny)
+    d_far = tl.sqrt(fx * fx + fy * fy)
+    # The 1e-6 slacks absorb float32 rounding.
+    rho_min = tl.maximum(tl.maximum(d_near - mu, mu - d_far) - 1e-6, 0.0)
+    u00 = cs * ax0 - sn * ay0
+    v00 = sn * ax0 + cs * ay0
+    u01 = cs * ax0 - sn * ay1
+    v01 = sn * ax0 + cs * ay1
+    u10 = cs * ax1 - sn * ay0
+    v10 = sn * ax1 + cs * ay0
+    u11 = cs * ax1 - sn * ay1
+    v11 = sn * ax1 + cs * ay1
+    v_hi = tl.maximum(tl.maximum(v00, v01), tl.maximum(v10, v11))
+    v_lo = tl.minimum(tl.minimum(v00, v01), tl.minimum(v10, v11))
+    u_hi = tl.maximum(tl.maximum(u00, u01), tl.maximum(u10, u11))
+    cos_max = tl.maximum(tl.maximum(_cos_of(u00, v00), _cos_of(u01, v01)),
+                         tl.maximum(_cos_of(u10, v10), _cos_of(u11, v11)))
+    straddles = (v_hi >= 0.0) & (v_lo <= 0.0) & (u_hi >= 0.0)
+    one_minus_cos = tl.where(straddles, 0.0, tl.maximum(1.0 - cos_max - 1e-6, 0.0))
+    return 0.5 * tl.load(P + P_KR) * rho_min * rho_min + tl.load(P + P_KT) * one_minus_cos
+
+
+@triton.jit
+def _bin_kernel(PREPARED, LIST, COUNT, N, H, W, inv_h, BH: tl.constexpr, BW: tl.constexpr, BLOCK: tl.constexpr):
+    """Per tile of each image, the strokes that reach it, in painting order: ``LIST[b, tile, :COUNT[b, tile]]``.
+
+    `_reach`'s test on BLOCK strokes at once, then a prefix sum compacts the
+    hits. The forward and backward programs of a binned launch then visit
+    only their tile's list: a culled stroke costs them nothing instead of a
+    serial test each, which is most of the work when strokes are small
+    against the image.
+    """
+    b, img, plane, mask, xs, ys, x0, x1, y0, y1 = _tile(H, W, inv_h, BH, BW)
+    cell = b * tl.num_programs(0) + tl.program_id(0)
+    out = LIST + cell * N
+    PREPARED += b * N * PREP
+    count = tl.program_id(0) * 0
+    for start in range(0, N, BLOCK):
+        j = start + tl.arange(0, BLOCK)
+        inside = j < N
+        P = PREPARED + tl.minimum(j, N - 1) * PREP  # the tail re-reads the last stroke, masked below
+        hit = inside & _in_disc(P, x0, x1, y0, y1)
+        hit = hit & (_q_min(P, x0, x1, y0, y1) <= tl.load(P + P_LOG_RATIO))
+        flags = hit.to(tl.int32)
+        slot = count + tl.cumsum(flags, 0) - 1
+        tl.store(out + slot, j.to(LIST.dtype.element_ty), mask=hit)
+        count += tl.sum(flags, 0)
+    tl.store(COUNT + cell, count)
 
 
 @triton.jit
@@ -306,40 +350,64 @@ def _store_rgb(P, img, plane, mask, v0, v1, v2):
 
 
 @triton.jit
-def _blend(P, S, c0, c1, c2, xs, ys, x0, x1, y0, y1, FAST: tl.constexpr):
-    """Blend one stroke (prepared at ``P``, raw at ``S``) over a canvas tile when it can reach the tile;
-    also says whether it did."""
-    hit, q_min = _reach(P, x0, x1, y0, y1)
-    if hit:
-        e, u, v, inv_r, rho, phi = _footprint(xs, ys, P, FAST)
-        a = tl.load(P + P_ALPHA) * e
-        c0 += a * (tl.load(S + F_RED) - c0)
-        c1 += a * (tl.load(S + F_GREEN) - c1)
-        c2 += a * (tl.load(S + F_BLUE) - c2)
-    return c0, c1, c2, hit
-
-
-@triton.jit
-def _paint(PREPARED, S, n_strokes, c0, c1, c2, xs, ys, x0, x1, y0, y1, FAST: tl.constexpr):
-    """Blend strokes 0..n_strokes-1 of one image over a canvas tile (no loss)."""
-    for j in range(n_strokes):
-        c0, c1, c2, hit = _blend(PREPARED + j * PREP, S + j * STROKE, c0, c1, c2, xs, ys, x0, x1, y0, y1, FAST)
+def _over(P, S, c0, c1, c2, xs, ys, FAST: tl.constexpr):
+    """Blend one stroke (prepared at ``P``, raw at ``S``) over a canvas tile."""
+    e, u, v, inv_r, rho, phi = _footprint(xs, ys, P, FAST)
+    a = tl.load(P + P_ALPHA) * e
+    c0 += a * (tl.load(S + F_RED) - c0)
+    c1 += a * (tl.load(S + F_GREEN) - c1)
+    c2 += a * (tl.load(S + F_BLUE) - c2)
     return c0, c1, c2
 
 
 @triton.jit
+def _blend(P, S, c0, c1, c2, xs, ys, x0, x1, y0, y1, FAST: tl.constexpr):
+    """`_over` when the stroke can reach the tile; also says whether it did."""
+    hit, q_min = _reach(P, x0, x1, y0, y1)
+    if hit:
+        c0, c1, c2 = _over(P, S, c0, c1, c2, xs, ys, FAST)
+    return c0, c1, c2, hit
+
+
+@triton.jit
+def _paint(PREPARED, S, LIST, n, c0, c1, c2, xs, ys, x0, x1, y0, y1, BINNED: tl.constexpr, FAST: tl.constexpr):
+    """Blend the first ``n`` strokes of one image over a canvas tile (no loss): of the tile's ``LIST``
+    when BINNED, else strokes 0..n-1, each tested against the tile."""
+    for t in range(n):
+        if BINNED:
+            j = tl.load(LIST + t).to(tl.int32)
+            c0, c1, c2 = _over(PREPARED + j * PREP, S + j * STROKE, c0, c1, c2, xs, ys, FAST)
+        else:
+            c0, c1, c2, hit = _blend(PREPARED + t * PREP, S + t * STROKE, c0, c1, c2, xs, ys, x0, x1, y0, y1, FAST)
+    return c0, c1, c2
+
+
+@triton.jit
+def _tile_list(LIST, COUNT, N, b, BINNED: tl.constexpr):
+    """This tile's stroke list and its length when BINNED (see _bin_kernel); else (LIST, N): every stroke."""
+    if BINNED:
+        cell = b * tl.num_programs(0) + tl.program_id(0)
+        return LIST + cell * N, tl.load(COUNT + cell)
+    else:
+        return LIST, N
+
+
+@triton.jit
 def _forward_kernel(
-    S, PREPARED, BASE, TARGET, CANVAS, LOSS, N, H, W, inv_h, loss_scale,
-    LOSS_KIND: tl.constexpr, HAS_TARGET: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, FAST: tl.constexpr,
+    S, PREPARED, LIST, COUNT, BASE, TARGET, CANVAS, LOSS, N, H, W, inv_h, loss_scale,
+    LOSS_KIND: tl.constexpr, HAS_TARGET: tl.constexpr, BINNED: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
+    FAST: tl.constexpr,
 ):
     b, img, plane, mask, xs, ys, x0, x1, y0, y1 = _tile(H, W, inv_h, BH, BW)
     c0, c1, c2 = _load_rgb(BASE, img, plane, mask)
     S += b * N * STROKE
     PREPARED += b * N * PREP
+    LIST, n_listed = _tile_list(LIST, COUNT, N, b, BINNED)
     if LOSS_KIND == 2 and HAS_TARGET:
         # The seed's objective: the error of every prefix canvas C_1..C_N.
         # A culled stroke leaves the tile's error unchanged, so it costs a
-        # scalar add instead of a pass over the tile.
+        # scalar add instead of a pass over the tile. (Never binned: each
+        # stroke, culled or not, adds a term.)
         t0, t1, t2 = _load_rgb(TARGET, img, plane, mask)
         err = tl.sum(tl.abs(c0 - t0) + tl.abs(c1 - t1) + tl.abs(c2 - t2))
         total = err * 0.0
@@ -350,7 +418,7 @@ def _forward_kernel(
             total += err
         tl.atomic_add(LOSS + b, total * loss_scale / tl.maximum(N, 1), sem="relaxed")
     else:
-        c0, c1, c2 = _paint(PREPARED, S, N, c0, c1, c2, xs, ys, x0, x1, y0, y1, FAST)
+        c0, c1, c2 = _paint(PREPARED, S, LIST, n_listed, c0, c1, c2, xs, ys, x0, x1, y0, y1, BINNED, FAST)
         if HAS_TARGET:
             t0, t1, t2 = _load_rgb(TARGET, img, plane, mask)
             d0 = c0 - t0
@@ -380,8 +448,9 @@ def _flush_prefix(l0, l1, l2, pending, c0, c1, c2, t0, t1, t2, mask, scale):
 
 @triton.jit
 def _backward_kernel(
-    S, PREPARED, BASE, TARGET, CANVAS, GRAD_LOSS, GRAD_S, GRAD_BASE, N, H, W, inv_h, loss_scale, unblend_limit,
-    LOSS_KIND: tl.constexpr, BASE_GRAD: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, FAST: tl.constexpr,
+    S, PREPARED, LIST, COUNT, BASE, TARGET, CANVAS, GRAD_LOSS, GRAD_S, GRAD_BASE, N, H, W, inv_h, loss_scale,
+    unblend_limit, LOSS_KIND: tl.constexpr, BASE_GRAD: tl.constexpr, BINNED: tl.constexpr, BH: tl.constexpr,
+    BW: tl.constexpr, FAST: tl.constexpr,
 ):
     b, img, plane, mask, xs, ys, x0, x1, y0, y1 = _tile(H, W, inv_h, BH, BW)
     # Outside the image (a partial tile) canvas and target load as 0, so the
@@ -415,10 +484,21 @@ def _backward_kernel(
     S += b * N * STROKE
     PREPARED += b * N * PREP
     G = GRAD_S + b * N * STROKE
-    for i in range(N):
-        k = N - 1 - i
-        P = PREPARED + k * PREP
-        hit, q_min = _reach(P, x0, x1, y0, y1)
+    LIST, n_listed = _tile_list(LIST, COUNT, N, b, BINNED)
+    for i in range(n_listed):
+        # The t-th stroke of the tile's list is stroke k (unbinned: every stroke, k = t).
+        t = n_listed - 1 - i
+        if BINNED:
+            k = tl.load(LIST + t).to(tl.int32)
+            P = PREPARED + k * PREP
+            # Listed strokes passed _reach's test in _bin_kernel; this takes the same
+            # decision again (for the bound q_min) without the disc test.
+            q_min = _q_min(P, x0, x1, y0, y1)
+            hit = q_min <= tl.load(P + P_LOG_RATIO)
+        else:
+            k = t
+            P = PREPARED + k * PREP
+            hit, q_min = _reach(P, x0, x1, y0, y1)
         if hit:
             if LOSS_KIND == 2:
                 # The canvas is about to change: its pending terms are due now.
@@ -437,7 +517,7 @@ def _backward_kernel(
             room = 1.0 - alpha * tl.exp(-q_min)
             if room * unblend_limit < amp:
                 p0, p1, p2 = _load_rgb(BASE, img, plane, mask)
-                p0, p1, p2 = _paint(PREPARED, S, k, p0, p1, p2, xs, ys, x0, x1, y0, y1, FAST)
+                p0, p1, p2 = _paint(PREPARED, S, LIST, t, p0, p1, p2, xs, ys, x0, x1, y0, y1, BINNED, FAST)
                 amp = amp * 0.0 + 1.0
             else:
                 inv_keep = _rcp(keep, FAST)
@@ -547,37 +627,94 @@ def pick_tile(b: int, h: int, w: int, device: torch.device) -> tuple[tuple[int, 
     raise AssertionError("the last tile of TILES needs no programs")
 
 
-def _launch(strokes, base, tile, num_warps, prepared) -> tuple[torch.Tensor, tuple[int, int], dict]:
-    """Prepared strokes, grid and tile options of a launch: the caller's, else ``prepare``'s and ``pick_tile``'s."""
+@dataclass(frozen=True)
+class Bins:
+    """Per-tile stroke lists of one batch (``bin_strokes``), for launches on the same tile."""
+
+    tile: tuple[int, int]
+    num_warps: int
+    lists: torch.Tensor   # [B, tiles, N] stroke indices, int16 (int32 past 32767 strokes); the first counts[b, t] hold
+    counts: torch.Tensor  # [B, tiles] int32
+
+
+# A launch bins its strokes (one small kernel) from this many strokes up: the
+# tile programs then visit only the strokes that reach them. Below it the
+# serial test of every stroke is cheap enough (benchmarks/RESULTS.md, "Binned
+# strokes"). The seed's prefix loss is never binned: a culled stroke adds a
+# term there too.
+BIN_MIN_STROKES = 200
+_BIN_BLOCK = 128
+
+
+def should_bin(n_strokes: int, loss: str | None) -> bool:
+    return n_strokes >= BIN_MIN_STROKES and loss != "prefix_l1"
+
+
+def bin_strokes(prepared: torch.Tensor, h: int, w: int, tile: tuple[int, int] | None = None,
+                num_warps: int | None = None) -> Bins:
+    """The strokes that can reach each tile of an H x W canvas, in painting order (see _bin_kernel).
+
+    Memory: B x tiles x N indices (at B = 128, 512 x 512 in 16 x 32 tiles and
+    N = 1000: 131 MB).
+    """
+    bsz, n = prepared.shape[:2]
+    if tile is None:
+        tile, num_warps = pick_tile(bsz, h, w, prepared.device)
+    grid = _grid(bsz, h, w, tile)
+    dtype = torch.int16 if n <= torch.iinfo(torch.int16).max else torch.int32
+    lists = torch.empty(bsz, grid[0], max(n, 1), device=prepared.device, dtype=dtype)
+    counts = torch.empty(bsz, grid[0], device=prepared.device, dtype=torch.int32)
+    if bsz:
+        _bin_kernel[grid](prepared, lists, counts, n, h, w, 1.0 / h, BH=tile[0], BW=tile[1], BLOCK=_BIN_BLOCK,
+                          num_warps=4)
+    return Bins(tuple(tile), num_warps or 4, lists, counts)
+
+
+def _launch(strokes, base, tile, num_warps, prepared, bins) -> tuple[torch.Tensor, tuple[int, int], dict, tuple]:
+    """Prepared strokes, grid, tile options and stroke lists of a launch: the caller's, else ``prepare``'s
+    and ``pick_tile``'s (a binned launch runs on its bins' tile)."""
     bsz = strokes.shape[0]
     h, w = base.shape[-2:]
     if prepared is None:
         prepared = prepare(strokes)
+    if bins is not None:
+        if tile is not None and tuple(tile) != bins.tile:
+            raise ValueError(f"tile {tile} differs from the bins' tile {bins.tile}")
+        tile, num_warps = bins.tile, bins.num_warps
+        if tuple(bins.counts.shape) != (bsz, _grid(bsz, h, w, tile)[0]):
+            raise ValueError(f"bins of shape {list(bins.counts.shape)} do not fit B={bsz} at {h} x {w}")
+        lists = (bins.lists, bins.counts)
+    else:
+        lists = (prepared, prepared)  # not read: the kernels' unbinned path walks every stroke
     if tile is None:
         tile, num_warps = pick_tile(bsz, h, w, base.device)
-    options = dict(BH=tile[0], BW=tile[1], FAST=_fast_math(), num_warps=num_warps or 4)
-    return prepared, _grid(bsz, h, w, tile), options
+    options = dict(BH=tile[0], BW=tile[1], FAST=_fast_math(), BINNED=bins is not None, num_warps=num_warps or 4)
+    return prepared, _grid(bsz, h, w, tile), options, lists
 
 
 def forward(
     strokes: torch.Tensor, base: torch.Tensor, target: torch.Tensor | None = None, loss: str = "l2",
     tile: tuple[int, int] | None = None, num_warps: int | None = None, prepared: torch.Tensor | None = None,
+    bins: Bins | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Canvas ``[B, 3, H, W]`` and loss ``[B]`` (None without target). No autograd.
 
     ``tile``/``num_warps`` default to ``pick_tile``'s choice for the shape;
-    ``prepared`` to ``prepare(strokes)``.
+    ``prepared`` to ``prepare(strokes)``. With ``bins`` (``bin_strokes`` of
+    the same prepared strokes) each tile visits only its listed strokes.
     """
     _check(strokes, base, target)
+    if bins is not None and loss == "prefix_l1" and target is not None:
+        raise ValueError("the prefix_l1 loss is never binned: every stroke adds a term, culled or not")
     strokes, base = strokes.contiguous(), base.contiguous()
     target = target.contiguous() if target is not None else None
     bsz, n = strokes.shape[:2]
     h, w = base.shape[-2:]
     canvas = torch.empty_like(base)
     value = torch.zeros(bsz, device=base.device, dtype=torch.float32)
-    prepared, grid, options = _launch(strokes, base, tile, num_warps, prepared)
+    prepared, grid, options, lists = _launch(strokes, base, tile, num_warps, prepared, bins)
     _forward_kernel[grid](
-        strokes, prepared, base, target if target is not None else base, canvas, value,
+        strokes, prepared, *lists, base, target if target is not None else base, canvas, value,
         n, h, w, 1.0 / h, 1.0 / (3 * h * w), LOSS_KIND=LOSS_KINDS[loss], HAS_TARGET=target is not None, **options,
     )
     return canvas, (value if target is not None else None)
@@ -587,20 +724,24 @@ def backward(
     strokes: torch.Tensor, base: torch.Tensor, target: torch.Tensor, canvas: torch.Tensor, grad_loss: torch.Tensor,
     loss: str = "l2", base_grad: bool = False, grad_strokes: torch.Tensor | None = None,
     tile: tuple[int, int] | None = None, num_warps: int | None = None, prepared: torch.Tensor | None = None,
+    bins: Bins | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gradients of ``sum_b grad_loss[b] * loss[b]`` w.r.t. strokes ``[B, N, 10]`` (and base).
 
     ``canvas`` is the forward's output. ``grad_strokes``, if given, is
     accumulated into (it must be zeroed by the caller for a fresh gradient).
+    ``bins`` as for ``forward``.
     """
+    if bins is not None and loss == "prefix_l1":
+        raise ValueError("the prefix_l1 loss is never binned: every stroke adds a term, culled or not")
     bsz, n = strokes.shape[:2]
     h, w = base.shape[-2:]
     if grad_strokes is None:
         grad_strokes = torch.zeros_like(strokes)
     grad_base = torch.empty_like(base) if base_grad else None
-    prepared, grid, options = _launch(strokes, base, tile, num_warps, prepared)
+    prepared, grid, options, lists = _launch(strokes, base, tile, num_warps, prepared, bins)
     _backward_kernel[grid](
-        strokes, prepared, base, target, canvas, grad_loss.contiguous(), grad_strokes,
+        strokes, prepared, *lists, base, target, canvas, grad_loss.contiguous(), grad_strokes,
         grad_base if base_grad else base, n, h, w, 1.0 / h, 1.0 / (3 * h * w), UNBLEND_LIMIT,
         LOSS_KIND=LOSS_KINDS[loss], BASE_GRAD=base_grad, **options,
     )

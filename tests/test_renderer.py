@@ -18,16 +18,20 @@ def compact(s: torch.Tensor) -> torch.Tensor:
     return s
 
 
-def check(s, base, tgt, loss, fwd_tol=1e-4, grad_tol=1e-3, tile=(8, 16)):
-    """Small tiles by default, so these tiny images span several tiles and culling is exercised."""
-    canvas, value = triton_render.forward(s, base, tgt, loss, tile=tile)
+def check(s, base, tgt, loss, fwd_tol=1e-4, grad_tol=1e-3, tile=(8, 16), binned=False):
+    """Small tiles by default, so these tiny images span several tiles and culling is exercised.
+    ``binned``: through per-tile stroke lists (``bin_strokes``)."""
+    bins = triton_render.bin_strokes(triton_render.prepare(s), *base.shape[-2:], tile=tile) if binned else None
+    tile = None if binned else tile
+    canvas, value = triton_render.forward(s, base, tgt, loss, tile=tile, bins=bins)
     sd = s.double().requires_grad_(True)
     bd = base.double().requires_grad_(True)
     ref_canvas, ref_value = reference.render_loss(sd, bd, tgt.double(), loss)
     assert (canvas.double() - ref_canvas).abs().max().item() < fwd_tol
     assert torch.allclose(value.double(), ref_value.detach(), rtol=1e-4, atol=1e-6)
     ref_value.sum().backward()
-    grad, grad_base = triton_render.backward(s, base, tgt, canvas, torch.ones(s.shape[0]), loss, base_grad=True, tile=tile)
+    grad, grad_base = triton_render.backward(s, base, tgt, canvas, torch.ones(s.shape[0]), loss, base_grad=True, tile=tile,
+                                             bins=bins)
     # Relative error per field, over all strokes of the batch.
     err = (grad.double() - sd.grad).norm(dim=(0, 1))
     scale = sd.grad.norm(dim=(0, 1))
@@ -49,15 +53,77 @@ def test_random_strokes_match_reference(shape, loss):
     check(s, base, tgt, loss)
 
 
+@pytest.mark.parametrize("shape", [(2, 7, 16, 16), (1, 12, 20, 36), (3, 5, 33, 17)])
+@pytest.mark.parametrize("loss", ["l1", "l2"])
+def test_binned_strokes_match_reference(shape, loss):
+    b, n, h, w = shape
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(("binned", shape, loss)).encode()))
+    s = compact(random_strokes(b, n, w / h, generator=gen))
+    check(s, torch.rand(b, 3, h, w, generator=gen), torch.rand(b, 3, h, w, generator=gen), loss,
+          binned=True)
+
+
+def test_bins_list_exactly_the_strokes_each_tile_keeps():
+    """Each tile's list is, in painting order, the strokes the per-stroke culling test keeps, across
+    several blocks of the binning kernel (N > its block) and images with different strokes."""
+    gen = torch.Generator().manual_seed(31)
+    b, n, h, w, tile = 2, 300, 24, 40, (8, 16)
+    s = random_strokes(b, n, w / h, generator=gen)
+    s[..., MU_R] = 0.05 + 0.1 * torch.rand(b, n, generator=gen)
+    s[..., SIGMA_R] = 0.01 + 0.05 * torch.rand(b, n, generator=gen)
+    s[..., SIGMA_T] = 0.02 + 0.2 * torch.rand(b, n, generator=gen)
+    bins = triton_render.bin_strokes(triton_render.prepare(s), h, w, tile=tile)
+    hits = triton_debug.tile_hits(s, h, w, tile)  # [B, N, tiles]
+    assert bins.counts.shape == (b, hits.shape[2]) and bins.lists.dtype == torch.int16
+    for i in range(b):
+        for t in range(hits.shape[2]):
+            want = hits[i, :, t].nonzero().flatten()
+            assert bins.counts[i, t].item() == len(want)
+            assert torch.equal(bins.lists[i, t, : len(want)].long(), want), (i, t)
+    assert 0 < bins.counts.sum() < b * n * hits.shape[2]  # some strokes are culled, some kept
+
+
+def test_loss_and_grad_bins_from_the_threshold_on_and_agrees(monkeypatch):
+    """The fit's entry point: binned at or above BIN_MIN_STROKES, the same canvas, loss and gradients
+    as the walk over every stroke, to float rounding."""
+    from encoder import renderer
+
+    gen = torch.Generator().manual_seed(41)
+    b, n, h, w = 2, 150, 20, 36
+    s = compact(random_strokes(b, n, w / h, generator=gen))
+    s[..., SIGMA_R] = 0.02 + 0.05 * torch.rand(b, n, generator=gen)
+    base, tgt = torch.rand(b, 3, h, w, generator=gen), torch.rand(b, 3, h, w, generator=gen)
+    calls = []
+    real_bin = triton_render.bin_strokes
+    monkeypatch.setattr(triton_render, "bin_strokes", lambda *a, **k: calls.append(1) or real_bin(*a, **k))
+    out = {}
+    for threshold in (n + 1, n):
+        monkeypatch.setattr(triton_render, "BIN_MIN_STROKES", threshold)
+        out[threshold] = renderer.loss_and_grad(s, base, tgt, "l2", "triton", base_grad=True)
+        assert len(calls) == (threshold == n)
+    walked, binned = out[n + 1], out[n]
+    for got, want in zip(binned, walked):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert not triton_render.should_bin(10_000, "prefix_l1")
+
+
+def test_prefix_loss_refuses_bins():
+    s = compact(random_strokes(1, 4, generator=torch.Generator().manual_seed(2)))
+    base = torch.rand(1, 3, 8, 8)
+    bins = triton_render.bin_strokes(triton_render.prepare(s), 8, 8)
+    with pytest.raises(ValueError, match="prefix_l1 loss is never binned"):
+        triton_render.forward(s, base, base, "prefix_l1", bins=bins)
+
+
 def test_default_tile_matches_reference():
     gen = torch.Generator().manual_seed(21)
     s = compact(random_strokes(2, 6, 40 / 36, generator=gen))
     check(s, torch.rand(2, 3, 36, 40, generator=gen), torch.rand(2, 3, 36, 40, generator=gen), "l2", tile=(32, 32))
 
 
-@pytest.mark.parametrize("loss", LOSSES)
-def test_edge_cases(loss):
-    """alpha 1, sigmas at their lower clamps, mu_r at both clamps, strokes off-canvas."""
+@pytest.mark.parametrize("loss,binned", [(loss, False) for loss in LOSSES] + [("l1", True), ("l2", True)])
+def test_edge_cases(loss, binned):
+    """alpha 1, sigmas at their lower clamps, mu_r at both clamps, strokes off-canvas; walked and binned."""
     gen = torch.Generator().manual_seed(7)
     h, w = 18, 24
     lo, hi = bounds(w / h)
@@ -79,7 +145,7 @@ def test_edge_cases(loss):
     s[1, 6, CX], s[1, 6, CY] = hi[CX], 0.0
     base = torch.rand(2, 3, h, w, generator=gen)
     tgt = torch.rand(2, 3, h, w, generator=gen)
-    check(s, base, tgt, loss)
+    check(s, base, tgt, loss, binned=binned)
 
 
 def test_culling_skips_far_strokes_exactly():
