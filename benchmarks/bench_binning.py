@@ -25,9 +25,12 @@ from encoder.images import center_crop_resize, downsample, pil_to_tensor  # noqa
 from photos import BENCHMARK_PHOTOS, load_photo  # noqa: E402
 
 
-def step(strokes, base, target, binned):
+def step(strokes, base, target, binned, tile=None):
+    """``tile``: (BH, BW, warps) of a binned launch; default pick_tile's."""
     prepared = triton_render.prepare(strokes)
-    bins = triton_render.bin_strokes(prepared, *base.shape[-2:]) if binned else None
+    bins = None
+    if binned:
+        bins = triton_render.bin_strokes(prepared, *base.shape[-2:], *((tile[:2], tile[2]) if tile else ()))
     canvas, value = triton_render.forward(strokes, base, target, "l2", prepared=prepared, bins=bins)
     grad, _ = triton_render.backward(strokes, base, target, canvas, torch.ones_like(value), "l2", prepared=prepared,
                                      bins=bins)
@@ -54,6 +57,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--strokes", type=int, nargs="+", default=[100, 200, 300, 500, 1000])
     ap.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512])
+    ap.add_argument("--tiles", nargs="*", default=[], help="more tiles for the binned launch, HxW:warps")
     args = ap.parse_args()
     dev = torch.device("cuda")
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {__import__('triton').__version__}")
@@ -81,6 +85,12 @@ def main() -> None:
             print(f"{size:6d} {n:5d} {walked / args.batch:15.4f} {binned / args.batch:15.4f} {walked / binned:10.2f}"
                   f" {listed:13.1f} {mem_w:13.0f} / {mem_b:<8.0f} {(cb - cw).abs().max().item():18.2e}"
                   f" {rel:15.2e}", flush=True)
+            for variant in args.tiles:
+                shape, warps = variant.split(":")
+                tile = (*(int(t) for t in shape.split("x")), int(warps))
+                ms = time_ms(lambda: step(s, base, target, True, tile))
+                print(f"{size:6d} {n:5d}   binned on tile {variant:8s} {ms / args.batch:9.4f} ms/img"
+                      f"  {walked / ms:10.2f}x the walked launch", flush=True)
 
 
 if __name__ == "__main__":

@@ -642,7 +642,7 @@ class Bins:
 # serial test of every stroke is cheap enough (benchmarks/RESULTS.md, "Binned
 # strokes"). The seed's prefix loss is never binned: a culled stroke adds a
 # term there too.
-BIN_MIN_STROKES = 200
+BIN_MIN_STROKES = 100
 _BIN_BLOCK = 128
 
 
