@@ -26,7 +26,7 @@ from photos import BENCHMARK_PHOTOS, load_photo  # noqa: E402
 
 
 def step(strokes, base, target, binned, tile=None):
-    """``tile``: (BH, BW, warps) of a binned launch; default pick_tile's."""
+    """``tile``: (BH, BW, warps) of a binned launch; default pick_binned_tile's."""
     prepared = triton_render.prepare(strokes)
     bins = None
     if binned:
