@@ -166,6 +166,9 @@ class FitConfig:
     # Joint refinement steps at the end of every stage but the last, at that stage's resolution.
     stage_refine: int = 0
     refine_replace: bool = True   # re-place the strokes of rejected groups where the error is, before refining
+    # Before each joint stage, strokes fainter than this alpha are moved on top and re-placed where the
+    # error is, as new strokes (0: never). A faint stroke holds a slot and paints almost nothing.
+    refine_replace_alpha: float = 0.0
     placement: str = "power"      # power: p ~ error ** placement_power; softmax: p ~ exp(error) (the seed's)
     placement_power: float = 2.0
     background: str = "mean"      # initial background: mean colour of the target, or black (the seed's)
@@ -204,6 +207,8 @@ class FitConfig:
         for name in ("lr_scale", "refine_lr_scale"):
             if not all(isinstance(k, str) and _is_number(v) and v >= 0 for k, v in getattr(self, name).items()):
                 raise ValueError(f"encoder.{name} must map field names to numbers >= 0, got {getattr(self, name)}")
+        if not 0 <= self.refine_replace_alpha < 1:
+            raise ValueError(f"encoder.refine_replace_alpha must be in [0, 1), got {self.refine_replace_alpha}")
         if self.stage_refine < 0:
             raise ValueError(f"encoder.stage_refine must be >= 0, got {self.stage_refine}")
         if not (0 <= self.lr_decay <= 1 and 0 <= self.refine_lr_decay <= 1):

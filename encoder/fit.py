@@ -99,9 +99,25 @@ def replace_rejected(
     return torch.where(rejected[..., None], fresh, strokes)
 
 
+def replace_faint(
+    strokes: torch.Tensor, background: torch.Tensor, target: torch.Tensor, config: FitConfig,
+    generators: list[torch.Generator], backend: str,
+) -> torch.Tensor:
+    """``strokes`` with every stroke fainter than ``config.refine_replace_alpha`` moved on top, in
+    its old order, and re-placed where the painting (at ``target``'s resolution) is furthest from
+    ``target``, as a new group's strokes are. The others keep their order."""
+    faint = strokes[..., ALPHA] < config.refine_replace_alpha
+    res = target.shape[-1]
+    canvas = renderer.composite(strokes, background[:, :, None, None].expand(-1, -1, res, res).contiguous(), backend)
+    fresh = place_strokes(target, canvas, strokes.shape[1], config, generators)
+    order = torch.argsort(faint.to(torch.int8), dim=1, stable=True)  # kept ones first
+    moved = torch.gather(strokes, 1, order[..., None].expand(-1, -1, NUM_FIELDS))
+    return torch.where(torch.gather(faint, 1, order)[..., None], fresh, moved)
+
+
 def refine_strokes(
     strokes: torch.Tensor, background: torch.Tensor, targets: torch.Tensor, pyramid: dict, stages: list,
-    config: FitConfig, lo: torch.Tensor, hi: torch.Tensor, backend: str,
+    config: FitConfig, lo: torch.Tensor, hi: torch.Tensor, backend: str, generators: list[torch.Generator],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Optimise all ``strokes [B, N, 10]`` (and the background, with
     ``fit_background``) jointly, through ``stages``: (resolution, steps) pairs;
@@ -113,6 +129,8 @@ def refine_strokes(
             continue
         if res not in pyramid:
             pyramid[res] = downsample(targets, res)
+        if config.refine_replace_alpha > 0:
+            strokes = replace_faint(strokes, background, pyramid[res], config, generators, backend)
         stage = dataclasses.replace(config, steps=int(steps), lr=config.refine_lr, lr_scale=config.refine_lr_scale,
                                     betas=config.refine_betas, lr_decay=config.refine_lr_decay)
         if config.fit_background:
@@ -132,7 +150,8 @@ def _joint_pass(strokes, rejected, background, targets, pyramid, full_canvas, fu
     start = strokes
     if config.refine_replace and bool(rejected.any()):
         start = replace_rejected(strokes, rejected, targets, full_canvas, config, generators)
-    new_strokes, new_background = refine_strokes(start, background, targets, pyramid, stages, config, lo, hi, backend)
+    new_strokes, new_background = refine_strokes(start, background, targets, pyramid, stages, config, lo, hi, backend,
+                                                 generators)
     new_full = renderer.composite(new_strokes, new_background[:, :, None, None].expand(-1, -1, size, size)
                                   .contiguous(), backend)
     new_error = (new_full - targets).square().mean(dim=(1, 2, 3))

@@ -4,7 +4,7 @@ import torch
 
 from encoder import fit_batch, renderer
 from encoder.config import FitConfig
-from encoder.fit import null_strokes, replace_rejected
+from encoder.fit import null_strokes, replace_faint, replace_rejected
 from encoder.strokes import bounds
 
 TINY = dict(strokes=12, group_size=4, size=16, steps=6, stages=[[0.5, 0.34], [1.0, 0.66]], device="cpu",
@@ -102,6 +102,31 @@ def test_replace_rejected_touches_only_rejected_slots():
     assert torch.allclose(placed[:, 9], torch.full((3,), config.init_alpha))
 
 
+def test_replace_faint_moves_faint_strokes_on_top_as_new_ones():
+    """Strokes fainter than refine_replace_alpha go on top, re-placed and valid; the others keep
+    their values and their order; an image without faint strokes is unchanged."""
+    config = FitConfig(**{**TINY, "refine_replace_alpha": 0.05})
+    gen = torch.Generator().manual_seed(4)
+    lo, hi = bounds(1.0)
+    strokes = lo + (hi - lo) * torch.rand(2, 6, 10, generator=gen)
+    strokes[..., 9] = torch.tensor([[0.5, 0.01, 0.6, 0.02, 0.7, 0.8], [0.5, 0.6, 0.7, 0.8, 0.9, 0.3]])
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    background = torch.full((2, 3), 0.5)
+    out = replace_faint(strokes, background, images(), config, gens, "reference")
+    assert torch.equal(out[0, :4], strokes[0, [0, 2, 4, 5]])  # kept, in their order
+    assert torch.all(out[0, 4:] >= lo) and torch.all(out[0, 4:] <= hi)
+    assert torch.allclose(out[0, 4:, 9], torch.full((2,), config.init_alpha))
+    assert torch.equal(out[1], strokes[1])
+
+
+def test_replacing_faint_strokes_keeps_psnr_monotone():
+    plain = fit_batch(images(), FitConfig(**TINY))
+    result = fit_batch(images(), FitConfig(**{**REFINE, "refine_replace_alpha": 0.2}))
+    assert torch.all(result.psnr >= plain.psnr - 1e-5)
+    lo, hi = bounds(1.0)
+    assert torch.all(result.strokes >= lo) and torch.all(result.strokes <= hi)
+
+
 def test_stage_steps():
     config = FitConfig(**{**TINY, "stages": [[0.5, 0.34, 2], [1.0, 0.66]]})
     assert config.group_steps() == [2] + [6, 6]
@@ -110,7 +135,8 @@ def test_stage_steps():
 
 
 @pytest.mark.parametrize("bad", [dict(refine=[[0.0, 5]]), dict(refine=[[1.0, -1]]), dict(refine=[[1.0]]),
-                                 dict(refine_lr=0.0), dict(stages=[[1.0, 1.0, 0]])])
+                                 dict(refine_lr=0.0), dict(stages=[[1.0, 1.0, 0]]),
+                                 dict(refine_replace_alpha=1.0), dict(refine_replace_alpha=-0.1)])
 def test_config_rejects_bad_refinement(bad):
     with pytest.raises(ValueError):
         FitConfig(**{**TINY, **bad})
