@@ -5,7 +5,8 @@
 Three panels: the mean of the 11 benchmark photos, astronaut and lisa.
 Presets are stars, the old default a square, sweep variants small points (a
 line joins each sweep's points, in order); the seed's algorithm has given
-points for astronaut and lisa only (238 s per image: 22.73 and 27.99 dB). Needs matplotlib (the development
+points for astronaut and lisa only (238 s per image: 22.73 and 27.99 dB); dashed lines
+are the default preset's goals of issue #13. Needs matplotlib (the development
 machine, not the GPU machine). --table prints the Markdown table for RESULTS.md.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 SEED_SECONDS = 238.0
 SEED_PSNR = {"astronaut": 22.73, "lisa": 27.99}
+GOALS = {"mean of the 11 benchmark photos": 31.95, "lisa": 29.5}  # the default preset's, issue #13
 
 
 def table(data: dict) -> str:
@@ -59,7 +61,14 @@ def plot(data: dict, out: Path) -> None:
             axis.plot([1.0 / SEED_SECONDS], [seed], "v", ms=8, color="gray")
             axis.annotate(f"seed ({SEED_SECONDS:.0f} s/image)", (1.0 / SEED_SECONDS, seed), textcoords="offset points",
                           xytext=(6, 4), fontsize=8)
+        if title in GOALS:
+            axis.axhline(GOALS[title], ls="--", lw=1, color="C2")
+            axis.annotate("goal of issue #13", (0, GOALS[title]), xycoords=("axes fraction", "data"),
+                          textcoords="offset points", xytext=(4, -10), fontsize=8, color="C2")
         axis.set_xscale("log")
+        low, high = axis.get_xlim()
+        if high / low < 100:  # less than two decades: label 1, 2 and 5 of each
+            axis.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
         axis.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
         axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         axis.set_xlabel("images/s per H100 (log scale)")
