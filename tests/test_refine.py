@@ -127,6 +127,29 @@ def test_replacing_faint_strokes_keeps_psnr_monotone():
     assert torch.all(result.strokes >= lo) and torch.all(result.strokes <= hi)
 
 
+def test_per_field_lr_scales_reach_their_fields():
+    """lr_scale multiplies each named field's step: a field at scale 0 does not move, the others do;
+    an unknown field name is an error, not a silently ignored key."""
+    from encoder.fit import _field_lrs
+    from encoder.steps import optimise_group
+    from encoder.strokes import FIELDS
+
+    lrs = _field_lrs(0.01, {"cx": 0.0, "cy": 0.0, "alpha": 3.0}, "cpu")
+    assert lrs.tolist() == pytest.approx([0.0, 0.0] + [0.01] * 7 + [0.03])
+    with pytest.raises(ValueError, match="unknown fields"):
+        _field_lrs(0.01, {"x": 1.0}, "cpu")
+    config = FitConfig(**TINY)
+    gen = torch.Generator().manual_seed(8)
+    lo, hi = bounds(1.0)
+    strokes = lo + (hi - lo) * (0.25 + 0.5 * torch.rand(2, 4, 10, generator=gen))
+    before = strokes.clone()
+    base = torch.full((2, 3, 16, 16), 0.5)
+    optimise_group(strokes, base, images(), None, config, lrs, lo, hi, "reference")
+    moved = (strokes - before).abs().amax(dim=(0, 1))
+    assert moved[FIELDS.index("cx")] == 0 and moved[FIELDS.index("cy")] == 0
+    assert torch.all(moved[2:] > 0)
+
+
 def test_stage_steps():
     config = FitConfig(**{**TINY, "stages": [[0.5, 0.34, 2], [1.0, 0.66]]})
     assert config.group_steps() == [2] + [6, 6]
