@@ -20,6 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_frontier import fill  # noqa: E402
+from bench_render import peak_mib, time_ms  # noqa: E402
 from encoder import fit_batch, load_config, triton_render  # noqa: E402
 from encoder.images import center_crop_resize, downsample, pil_to_tensor  # noqa: E402
 from photos import BENCHMARK_PHOTOS, load_photo  # noqa: E402
@@ -35,21 +36,6 @@ def step(strokes, base, target, binned, tile=None):
     grad, _ = triton_render.backward(strokes, base, target, canvas, torch.ones_like(value), "l2", prepared=prepared,
                                      bins=bins)
     return canvas, grad, bins
-
-
-def time_ms(fn) -> float:
-    from triton.testing import do_bench
-
-    return do_bench(fn, warmup=10, rep=100, return_mode="median")
-
-
-def peak_mib(fn) -> float:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
 def main() -> None:
