@@ -13,6 +13,11 @@ A small kernel first derives, once per stroke, what every tile would
 otherwise recompute (pole, rotation, inverse widths, culling radius): the
 "prepared" strokes, ``[B, N, PREP]`` in the layout of PREPARED_FIELDS.
 
+With enough strokes (``should_bin``) a second small kernel bins them: for
+each tile it lists, in painting order, the strokes that can reach it
+(``bin_strokes``), and the forward and backward programs visit only their
+tile's list instead of testing every stroke.
+
 Shapes: strokes ``[B, N, 10]``, base/target/canvas ``[B, 3, H, W]``, float32.
 """
 from __future__ import annotations
@@ -633,7 +638,7 @@ class Bins:
 
     tile: tuple[int, int]
     num_warps: int
-    lists: torch.Tensor   # [B, tiles, N] stroke indices, int16 (int32 past 32767 strokes); the first counts[b, t] count
+    lists: torch.Tensor   # [B, tiles, N] int16 stroke indices (int32 past 32767); row [b, t] holds counts[b, t] of them
     counts: torch.Tensor  # [B, tiles] int32
 
 
