@@ -7,7 +7,8 @@ reverse, carrying the adjoint of the canvas, recovers each earlier canvas by
 un-blending (recomputing it exactly from the base when un-blending could
 amplify rounding error too much), reduces each stroke's gradient over its
 tile and adds it once with an atomic add. Nothing of size N x H x W is ever
-materialised: memory is O(B x H x W).
+materialised: memory is O(B x H x W), plus B x tiles x N stroke indices when
+binned.
 
 A small kernel first derives, once per stroke, what every tile would
 otherwise recompute (pole, rotation, inverse widths, culling radius): the
