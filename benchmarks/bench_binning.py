@@ -31,7 +31,8 @@ def step(strokes, base, target, binned, tile=None):
     prepared = triton_render.prepare(strokes)
     bins = None
     if binned:
-        bins = triton_render.bin_strokes(prepared, *base.shape[-2:], *((tile[:2], tile[2]) if tile else ()))
+        tile, warps = (tile[:2], tile[2]) if tile else (None, None)
+        bins = triton_render.bin_strokes(prepared, *base.shape[-2:], tile, warps)
     canvas, value = triton_render.forward(strokes, base, target, "l2", prepared=prepared, bins=bins)
     grad, _ = triton_render.backward(strokes, base, target, canvas, torch.ones_like(value), "l2", prepared=prepared,
                                      bins=bins)

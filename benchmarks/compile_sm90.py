@@ -34,7 +34,7 @@ ADAM = dict(P=P, G=P, M=P, V=P, LR=P, LO=P, HI=P, n="i32", b1="fp32", b2="fp32",
             eps="fp32", scale="fp32", FIELDS="constexpr", BLOCK="constexpr")
 
 triton.compile(ASTSource(tr._prepare_kernel, PREPARE, dict(BLOCK=256)), target=TARGET, options={"num_warps": 4})
-tiles = [(bh, bw, warps) for bh, bw, warps, _ in tr.TILES] + [(*tr.BIN_SMALL_TILE[0], tr.BIN_SMALL_TILE[1])]
+tiles = [(bh, bw, warps) for bh, bw, warps, _ in (*tr.TILES, tr.BIN_SMALL_TILE)]
 for bh, bw, warps in tiles:
     for binned in (False, True):
         fwd, bwd = (dict(FWD, **LISTED), dict(BWD, **LISTED)) if binned else (FWD, BWD)

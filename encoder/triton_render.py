@@ -625,9 +625,9 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def pick_tile(b: int, h: int, w: int, device: torch.device) -> tuple[tuple[int, int], int]:
-    """The first tile of TILES whose grid gives every SM the programs it needs: ``((BH, BW), warps)``."""
-    for bh, bw, warps, per_sm in TILES:
+def pick_tile(b: int, h: int, w: int, device: torch.device, tiles: tuple = TILES) -> tuple[tuple[int, int], int]:
+    """The first of ``tiles`` whose grid gives every SM the programs it needs: ``((BH, BW), warps)``."""
+    for bh, bw, warps, per_sm in tiles:
         if b * triton.cdiv(h, bh) * triton.cdiv(w, bw) >= per_sm * _sm_count(device):
             return (bh, bw), warps
     raise AssertionError("the last tile of TILES needs no programs")
@@ -655,7 +655,7 @@ BIN_MIN_STROKES = 25
 # it (at 256 px and 1000 strokes 2.8x the walked launch, against 1.8x on 16 x
 # 32; at 100 strokes 16 x 32 is as good or better).
 BIN_SMALL_TILE_STROKES = 500
-BIN_SMALL_TILE = ((16, 16), 1, 8)  # (tile, warps, programs per SM it needs), as in TILES
+BIN_SMALL_TILE = (16, 16, 1, 8)  # (rows, columns, warps, programs per SM it needs), as in TILES
 _BIN_BLOCK = 128
 
 
@@ -664,11 +664,8 @@ def should_bin(n_strokes: int, loss: str | None) -> bool:
 
 
 def pick_binned_tile(b: int, n: int, h: int, w: int, device: torch.device) -> tuple[tuple[int, int], int]:
-    """BIN_SMALL_TILE for many strokes on a large enough grid, else ``pick_tile``'s choice."""
-    (bh, bw), warps, per_sm = BIN_SMALL_TILE
-    if n >= BIN_SMALL_TILE_STROKES and b * triton.cdiv(h, bh) * triton.cdiv(w, bw) >= per_sm * _sm_count(device):
-        return (bh, bw), warps
-    return pick_tile(b, h, w, device)
+    """``pick_tile`` with BIN_SMALL_TILE tried first for BIN_SMALL_TILE_STROKES strokes or more."""
+    return pick_tile(b, h, w, device, (BIN_SMALL_TILE, *TILES) if n >= BIN_SMALL_TILE_STROKES else TILES)
 
 
 def bin_strokes(prepared: torch.Tensor, h: int, w: int, tile: tuple[int, int] | None = None,
@@ -691,14 +688,19 @@ def bin_strokes(prepared: torch.Tensor, h: int, w: int, tile: tuple[int, int] | 
     return Bins(tuple(tile), num_warps or 4, lists, counts)
 
 
-def _launch(strokes, base, tile, num_warps, prepared, bins) -> tuple[torch.Tensor, tuple[int, int], dict, tuple]:
+def _launch(
+    strokes, base, tile, num_warps, prepared, bins, prefix_loss,
+) -> tuple[torch.Tensor, tuple[int, int], dict, tuple]:
     """Prepared strokes, grid, tile options and stroke lists of a launch: the caller's, else ``prepare``'s
-    and ``pick_tile``'s (a binned launch runs on its bins' tile)."""
+    and ``pick_tile``'s (a binned launch runs on its bins' tile). ``prefix_loss``: the launch sums the
+    seed's prefix loss, which is never binned."""
     bsz = strokes.shape[0]
     h, w = base.shape[-2:]
     if prepared is None:
         prepared = prepare(strokes)
     if bins is not None:
+        if prefix_loss:
+            raise ValueError("the prefix_l1 loss is never binned: every stroke adds a term, culled or not")
         if tile is not None and tuple(tile) != bins.tile:
             raise ValueError(f"tile {tile} differs from the bins' tile {bins.tile}")
         tile, num_warps = bins.tile, bins.num_warps
@@ -725,15 +727,14 @@ def forward(
     the same prepared strokes) each tile visits only its listed strokes.
     """
     _check(strokes, base, target)
-    if bins is not None and loss == "prefix_l1" and target is not None:
-        raise ValueError("the prefix_l1 loss is never binned: every stroke adds a term, culled or not")
     strokes, base = strokes.contiguous(), base.contiguous()
     target = target.contiguous() if target is not None else None
     bsz, n = strokes.shape[:2]
     h, w = base.shape[-2:]
     canvas = torch.empty_like(base)
     value = torch.zeros(bsz, device=base.device, dtype=torch.float32)
-    prepared, grid, options, lists = _launch(strokes, base, tile, num_warps, prepared, bins)
+    prefix_loss = loss == "prefix_l1" and target is not None
+    prepared, grid, options, lists = _launch(strokes, base, tile, num_warps, prepared, bins, prefix_loss)
     _forward_kernel[grid](
         strokes, prepared, *lists, base, target if target is not None else base, canvas, value,
         n, h, w, 1.0 / h, 1.0 / (3 * h * w), LOSS_KIND=LOSS_KINDS[loss], HAS_TARGET=target is not None, **options,
@@ -753,14 +754,12 @@ def backward(
     accumulated into (it must be zeroed by the caller for a fresh gradient).
     ``bins`` as for ``forward``.
     """
-    if bins is not None and loss == "prefix_l1":
-        raise ValueError("the prefix_l1 loss is never binned: every stroke adds a term, culled or not")
     bsz, n = strokes.shape[:2]
     h, w = base.shape[-2:]
     if grad_strokes is None:
         grad_strokes = torch.zeros_like(strokes)
     grad_base = torch.empty_like(base) if base_grad else None
-    prepared, grid, options, lists = _launch(strokes, base, tile, num_warps, prepared, bins)
+    prepared, grid, options, lists = _launch(strokes, base, tile, num_warps, prepared, bins, loss == "prefix_l1")
     _backward_kernel[grid](
         strokes, prepared, *lists, base, target, canvas, grad_loss.contiguous(), grad_strokes,
         grad_base if base_grad else base, n, h, w, 1.0 / h, 1.0 / (3 * h * w), UNBLEND_LIMIT,
