@@ -154,6 +154,9 @@ class FitConfig:
     init_sigma_r: float = 0.1
     init_sigma_t: float = 0.1
     init_alpha: float = 0.01
+    # A stage fitted at scale s of the full size starts its strokes at init_mu_r * s ** -init_size_power
+    # (0: one size for every stage; 1: the same size in the stage's pixels).
+    init_size_power: float = 0.0
     # Joint refinement after the groups: [scale, steps] pairs, run in order, each
     # optimising all strokes (and the background) together at scale * size. Frozen
     # groups cannot correct each other; a joint pass can. An image keeps its
@@ -169,6 +172,9 @@ class FitConfig:
     # Before each joint stage, strokes fainter than this alpha are moved on top and re-placed where the
     # error is, as new strokes (0: never). A faint stroke holds a slot and paints almost nothing.
     refine_replace_alpha: float = 0.0
+    # The same for strokes that cover fewer than this many pixels of the full-size image (alpha times
+    # the transmittance above, summed): faint, tiny or hidden ones (0: never).
+    refine_replace_coverage: float = 0.0
     placement: str = "power"      # power: p ~ error ** placement_power; softmax: p ~ exp(error) (the seed's)
     placement_power: float = 2.0
     background: str = "mean"      # initial background: mean colour of the target, or black (the seed's)
@@ -209,6 +215,8 @@ class FitConfig:
                 raise ValueError(f"encoder.{name} must map field names to numbers >= 0, got {getattr(self, name)}")
         if not 0 <= self.refine_replace_alpha < 1:
             raise ValueError(f"encoder.refine_replace_alpha must be in [0, 1), got {self.refine_replace_alpha}")
+        if self.refine_replace_coverage < 0 or self.init_size_power < 0:
+            raise ValueError("encoder.refine_replace_coverage and init_size_power must be >= 0")
         if self.stage_refine < 0:
             raise ValueError(f"encoder.stage_refine must be >= 0, got {self.stage_refine}")
         if not (0 <= self.lr_decay <= 1 and 0 <= self.refine_lr_decay <= 1):

@@ -21,7 +21,7 @@ from . import renderer
 from .config import FitConfig
 from .images import downsample, psnr
 from .steps import optimise_group
-from .strokes import ALPHA, COLOR, CX, CY, MU_R, NUM_FIELDS, ROT, SIGMA_R, SIGMA_T, bounds
+from .strokes import ALPHA, COLOR, CX, CY, LOWER, MU_R, NUM_FIELDS, RED, ROT, SIGMA_R, SIGMA_T, UPPER, bounds
 
 
 @dataclass
@@ -48,11 +48,14 @@ def null_strokes(batch: int, n: int, device) -> torch.Tensor:
 
 
 def place_strokes(
-    target: torch.Tensor, canvas: torch.Tensor, n: int, config: FitConfig, generators: list[torch.Generator]
+    target: torch.Tensor, canvas: torch.Tensor, n: int, config: FitConfig, generators: list[torch.Generator],
+    scale: float = 1.0,
 ) -> torch.Tensor:
     """Initial ``[B, n, 10]`` strokes at pixels sampled where the error is large.
 
-    The colour is the target's at that pixel; the shape comes from the config.
+    The colour is the target's at that pixel; the shape comes from the config, its
+    size (``mu_r``: the others are relative to it) times ``scale ** -init_size_power``
+    for a stage fitted at ``scale`` of the full size.
     """
     bsz, _, h, w = target.shape
     error = (target - canvas).abs().mean(dim=1).reshape(bsz, h * w)
@@ -68,7 +71,7 @@ def place_strokes(
     strokes[..., CY] = (rows.float() + 0.5) / h
     spin = torch.stack([torch.rand(n, device=target.device, generator=g) for g in generators])
     strokes[..., ROT] = (spin * 2 - 1) * math.pi
-    strokes[..., MU_R] = config.init_mu_r
+    strokes[..., MU_R] = min(max(config.init_mu_r * scale ** -config.init_size_power, LOWER[MU_R]), UPPER[MU_R])
     strokes[..., SIGMA_R] = config.init_sigma_r
     strokes[..., SIGMA_T] = config.init_sigma_t
     strokes[..., COLOR] = torch.gather(target.reshape(bsz, 3, h * w), 2, idx[:, None, :].expand(-1, 3, -1)).transpose(1, 2)
@@ -99,17 +102,44 @@ def replace_rejected(
     return torch.where(rejected[..., None], fresh, strokes)
 
 
+def stroke_coverage(strokes: torch.Tensor, background: torch.Tensor, res: int, backend: str,
+                    canvas: torch.Tensor | None = None) -> torch.Tensor:
+    """How much of the painting each stroke makes, ``[B, N]``: the sum over the pixels of a
+    ``res`` x ``res`` canvas of its visible weight (opacity times the transmittance of the
+    strokes above it), in pixels of that canvas. A stroke that is faint, tiny or hidden
+    under others covers next to nothing: it holds a slot and paints nothing.
+
+    Read off one gradient: against a target 0.5 below the canvas everywhere, the l2
+    loss's derivative by a stroke's red is its visible weight summed, times a constant.
+    ``canvas``: the painting at ``res``, if the caller has it.
+    """
+    base = background[:, :, None, None].expand(-1, -1, res, res).contiguous()
+    if canvas is None:
+        canvas = renderer.composite(strokes, base, backend)
+    _, _, grad, _ = renderer.loss_and_grad(strokes, base, canvas - 0.5, "l2", backend)
+    # loss = mean over 3 * res * res values of residual ** 2; its derivative by the canvas is 1 / (3 res^2)
+    return grad[..., RED] * (3 * res * res)
+
+
 def replace_faint(
     strokes: torch.Tensor, background: torch.Tensor, target: torch.Tensor, config: FitConfig,
-    generators: list[torch.Generator], backend: str,
+    generators: list[torch.Generator], backend: str, size: int,
 ) -> torch.Tensor:
-    """``strokes`` with every stroke fainter than ``config.refine_replace_alpha`` moved on top, in
-    its old order, and re-placed where the painting (at ``target``'s resolution) is furthest from
-    ``target``, as a new group's strokes are. The others keep their order."""
-    faint = strokes[..., ALPHA] < config.refine_replace_alpha
+    """``strokes`` with every stroke that paints little moved on top, in its old order, and
+    re-placed where the painting (at ``target``'s resolution) is furthest from ``target``, as a
+    new group's strokes are. The others keep their order.
+
+    A stroke paints little when its alpha is below ``config.refine_replace_alpha`` or its
+    coverage (``stroke_coverage``, in pixels of the full-size image, ``size`` x ``size``) is
+    below ``config.refine_replace_coverage``.
+    """
     res = target.shape[-1]
     canvas = renderer.composite(strokes, background[:, :, None, None].expand(-1, -1, res, res).contiguous(), backend)
-    fresh = place_strokes(target, canvas, strokes.shape[1], config, generators)
+    faint = strokes[..., ALPHA] < config.refine_replace_alpha
+    if config.refine_replace_coverage > 0:
+        full_pixels = stroke_coverage(strokes, background, res, backend, canvas) * (size / res) ** 2
+        faint |= full_pixels < config.refine_replace_coverage
+    fresh = place_strokes(target, canvas, strokes.shape[1], config, generators, res / size)
     order = torch.argsort(faint.to(torch.int8), dim=1, stable=True)  # kept ones first
     moved = torch.gather(strokes, 1, order[..., None].expand(-1, -1, NUM_FIELDS))
     return torch.where(torch.gather(faint, 1, order)[..., None], fresh, moved)
@@ -129,8 +159,8 @@ def refine_strokes(
             continue
         if res not in pyramid:
             pyramid[res] = downsample(targets, res)
-        if config.refine_replace_alpha > 0:
-            strokes = replace_faint(strokes, background, pyramid[res], config, generators, backend)
+        if config.refine_replace_alpha > 0 or config.refine_replace_coverage > 0:
+            strokes = replace_faint(strokes, background, pyramid[res], config, generators, backend, targets.shape[-1])
         stage = dataclasses.replace(config, steps=int(steps), lr=config.refine_lr, lr_scale=config.refine_lr_scale,
                                     betas=config.refine_betas, lr_decay=config.refine_lr_decay)
         if config.fit_background:
@@ -216,7 +246,7 @@ def fit_batch(
             canvas = renderer.composite(torch.cat(frozen, 1), base, backend) if frozen else base
             canvas_res = res
         base = canvas
-        strokes = place_strokes(target, base, n, config, generators)
+        strokes = place_strokes(target, base, n, config, generators, res / size)
         fitted_bg = optimise_group(strokes, base, target, background if fit_bg else None, group_config, lrs, lo, hi,
                                    backend)
         old_background = background

@@ -112,7 +112,7 @@ def test_replace_faint_moves_faint_strokes_on_top_as_new_ones():
     strokes[..., 9] = torch.tensor([[0.5, 0.01, 0.6, 0.02, 0.7, 0.8], [0.5, 0.6, 0.7, 0.8, 0.9, 0.3]])
     gens = [torch.Generator().manual_seed(i) for i in range(2)]
     background = torch.full((2, 3), 0.5)
-    out = replace_faint(strokes, background, images(), config, gens, "reference")
+    out = replace_faint(strokes, background, images(), config, gens, "reference", 16)
     assert torch.equal(out[0, :4], strokes[0, [0, 2, 4, 5]])  # kept, in their order
     assert torch.all(out[0, 4:] >= lo) and torch.all(out[0, 4:] <= hi)
     assert torch.allclose(out[0, 4:, 9], torch.full((2,), config.init_alpha))
@@ -159,7 +159,8 @@ def test_stage_steps():
 
 @pytest.mark.parametrize("bad", [dict(refine=[[0.0, 5]]), dict(refine=[[1.0, -1]]), dict(refine=[[1.0]]),
                                  dict(refine_lr=0.0), dict(stages=[[1.0, 1.0, 0]]),
-                                 dict(refine_replace_alpha=1.0), dict(refine_replace_alpha=-0.1)])
+                                 dict(refine_replace_alpha=1.0), dict(refine_replace_alpha=-0.1),
+                                 dict(refine_replace_coverage=-1.0), dict(init_size_power=-0.5)])
 def test_config_rejects_bad_refinement(bad):
     with pytest.raises(ValueError):
         FitConfig(**{**TINY, **bad})
@@ -215,3 +216,63 @@ def test_stage_refinement_keeps_psnr_monotone_and_strokes_valid(monkeypatch):
     monkeypatch.setattr(fit, "refine_strokes", spoiled)
     harmful = fit_batch(images(), FitConfig(**{**TINY, "stage_refine": 3}))
     assert torch.equal(harmful.strokes, plain.strokes) and torch.equal(harmful.group_psnr, plain.group_psnr)
+
+
+def _visible_weight(strokes: torch.Tensor, res: int) -> torch.Tensor:
+    """Sum over pixels of each stroke's opacity times the transmittance of the strokes above it, ``[B, N]``."""
+    from encoder.reference import opacity, pixel_grid
+
+    x, y = pixel_grid(res, res)
+    a = opacity(strokes, x, y)                                   # [B, N, H, W]
+    above = torch.flip(torch.cumprod(torch.flip(1 - a, [1]), 1), [1])  # product over j >= i
+    transmit = above / (1 - a)                                    # product over j > i
+    return (a * transmit).sum(dim=(2, 3))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_stroke_coverage_is_the_visible_weight(backend):
+    """stroke_coverage equals the brute-force visible weight on random strokes, including strokes
+    hidden under an opaque one (coverage near zero) and strokes off the canvas."""
+    from encoder.fit import stroke_coverage
+
+    if backend == "triton":
+        pytest.importorskip("triton")
+    gen = torch.Generator().manual_seed(11)
+    lo, hi = bounds(1.0)
+    strokes = lo + (hi - lo) * torch.rand(2, 7, 10, generator=gen)
+    strokes[:, :, 9] = strokes[:, :, 9].clamp(max=0.9)
+    strokes[0, 6] = torch.tensor([0.5, 0.5, 0.0, 2.0, 0.2, 0.785, 0.1, 0.2, 0.3, 0.9])  # a big stroke on top
+    background = torch.rand(2, 3, generator=gen)
+    got = stroke_coverage(strokes, background, 12, backend)
+    want = _visible_weight(strokes, 12)
+    assert torch.allclose(got, want, atol=1e-3, rtol=1e-3)
+
+
+def test_replace_faint_by_coverage_moves_hidden_strokes():
+    """A stroke under an opaque one is re-placed by its coverage, though its alpha is high; the
+    same stroke under a faint one is kept."""
+    config = FitConfig(**{**TINY, "refine_replace_coverage": 5.0})
+    lo, hi = bounds(1.0)
+    strokes = ((lo + hi.clamp(max=1.0)) / 2).expand(2, 2, 10).clone()
+    strokes[:, 0, 9] = 0.8
+    strokes[:, 1] = torch.tensor([0.5, 0.5, 0.0, 2.0, 0.2, 0.785, 0.1, 0.2, 0.3, 1.0])  # covers the canvas
+    strokes[1, 1, 9] = 0.01
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    out = replace_faint(strokes, torch.full((2, 3), 0.5), images(), config, gens, "reference", 16)
+    assert torch.equal(out[0, 0], strokes[0, 1])                  # the cover stays, now first
+    assert torch.allclose(out[0, 1, 9], torch.tensor(config.init_alpha))  # the hidden one is new, on top
+    assert torch.equal(out[1, 0], strokes[1, 0])                  # not hidden: kept
+
+
+def test_init_size_power_scales_a_coarse_stage_strokes():
+    """A stage at scale s starts its strokes at init_mu_r * s ** -init_size_power, within mu_r's bounds;
+    power 0 is one size for every stage."""
+    from encoder.fit import place_strokes
+    from encoder.strokes import MU_R, UPPER
+
+    target, canvas = images(), torch.zeros(2, 3, 16, 16)
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(2)]  # noqa: E731
+    for power, scale, want in ((0.0, 0.25, 0.1), (1.0, 0.25, 0.4), (0.5, 0.25, 0.2), (1.0, 0.01, UPPER[MU_R])):
+        config = FitConfig(**{**TINY, "init_mu_r": 0.1, "init_size_power": power})
+        strokes = place_strokes(target, canvas, 5, config, gens(), scale)
+        assert torch.allclose(strokes[..., MU_R], torch.full((2, 5), want))
