@@ -399,10 +399,14 @@ class ShardEncoder:
         os._exit skips every cleanup, like a segfault or an OOM kill would, so
         the temporary Parquet file of the shard is left behind on purpose.
         """
-        if self.crash_once and not os.path.exists(self.crash_once):
-            with open(self.crash_once, "w") as handle:
+        if not self.crash_once:
+            return
+        try:  # "x": created by exactly one process, so two workers at once cannot both die
+            with open(self.crash_once, "x") as handle:
                 handle.write(f"{self.worker_id} {os.getpid()}\n")
-            os._exit(17)
+        except FileExistsError:
+            return
+        os._exit(17)
 
     def _file_metadata(self, url: str) -> dict[str, str]:
         return {
