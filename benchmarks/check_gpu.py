@@ -23,7 +23,8 @@ from encoder.strokes import random_strokes  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tiles", nargs="+", default=[f"{h}x{w}:{k}" for h, w, k, _ in triton_render.TILES])
+    ap.add_argument("--tiles", nargs="+",
+                    default=[f"{h}x{w}:{k}" for h, w, k, _ in (*triton_render.TILES, triton_render.BIN_SMALL_TILE)])
     args = ap.parse_args()
     dev = torch.device("cuda")
     worst_fwd, worst_grad = 0.0, 0.0

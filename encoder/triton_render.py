@@ -649,13 +649,16 @@ class Bins:
 # strokes": binning is 1.16x the walked launch at 25 strokes). The seed's
 # prefix loss is never binned: a culled stroke adds a term there too.
 BIN_MIN_STROKES = 25
-# Binned launches of this many strokes take 16 x 16 tiles on one warp when the
-# grid is large enough: a tile evaluates each listed stroke on all its pixels,
-# so with many strokes the smaller tile wastes less on strokes that only touch
-# it (at 256 px and 1000 strokes 2.8x the walked launch, against 1.8x on 16 x
-# 32; at 100 strokes 16 x 32 is as good or better).
-BIN_SMALL_TILE_STROKES = 500
-BIN_SMALL_TILE = (16, 16, 1, 8)  # (rows, columns, warps, programs per SM it needs), as in TILES
+# Binned launches take 16 x 8 tiles on one warp when the strokes are many for the
+# canvas (at most BIN_SMALL_TILE_PIXELS pixels per stroke) and the grid is large
+# enough: a tile evaluates each listed stroke on all its pixels, so with many
+# strokes a smaller tile wastes less on strokes that only touch it. One step at
+# B = 128 on a fit's strokes (benchmarks/RESULTS.md, run B5): 1000 strokes at
+# 256 px 0.0555 ms per image against 0.0703 on 16 x 16 and 0.127 on 16 x 32;
+# 100 at 128 px 0.0053 against 0.0104 on 16 x 32; but 100 at 512 px (2,621 pixels
+# per stroke) 0.0538 against 0.0438 on 16 x 32.
+BIN_SMALL_TILE_PIXELS = 1024
+BIN_SMALL_TILE = (16, 8, 1, 8)  # (rows, columns, warps, programs per SM it needs), as in TILES
 _BIN_BLOCK = 128
 
 
@@ -664,16 +667,17 @@ def should_bin(n_strokes: int, loss: str | None) -> bool:
 
 
 def pick_binned_tile(b: int, n: int, h: int, w: int, device: torch.device) -> tuple[tuple[int, int], int]:
-    """``pick_tile`` with BIN_SMALL_TILE tried first for BIN_SMALL_TILE_STROKES strokes or more."""
-    return pick_tile(b, h, w, device, (BIN_SMALL_TILE, *TILES) if n >= BIN_SMALL_TILE_STROKES else TILES)
+    """``pick_tile`` with BIN_SMALL_TILE tried first at BIN_SMALL_TILE_PIXELS pixels per stroke or fewer."""
+    small = h * w <= BIN_SMALL_TILE_PIXELS * n
+    return pick_tile(b, h, w, device, (BIN_SMALL_TILE, *TILES) if small else TILES)
 
 
 def bin_strokes(prepared: torch.Tensor, h: int, w: int, tile: tuple[int, int] | None = None,
                 num_warps: int | None = None) -> Bins:
     """The strokes that can reach each tile of an H x W canvas, in painting order (see _bin_kernel).
 
-    Memory: B x tiles x N indices (at B = 128, 512 x 512 in 16 x 16 tiles and
-    N = 1000: 262 MB).
+    Memory: B x tiles x N indices (at B = 128, 512 x 512 in 16 x 8 tiles and
+    N = 1000: 524 MB).
     """
     bsz, n = prepared.shape[:2]
     if tile is None:

@@ -96,6 +96,8 @@ def test_loss_and_grad_bins_from_the_threshold_on_and_agrees(monkeypatch):
     calls = []
     real_bin = triton_render.bin_strokes
     monkeypatch.setattr(triton_render, "bin_strokes", lambda *a, **k: calls.append(1) or real_bin(*a, **k))
+    # The walk and the bins on the same tile (another tile culls other pixels: float rounding apart)
+    monkeypatch.setattr(triton_render, "BIN_SMALL_TILE_PIXELS", 0)
     out = {}
     for threshold in (n + 1, n):
         monkeypatch.setattr(triton_render, "BIN_MIN_STROKES", threshold)
@@ -288,3 +290,16 @@ def test_bad_shapes_raise_clear_errors():
         triton_render.forward(torch.rand(2, 5, 10), torch.rand(3, 3, 4, 4))
     with pytest.raises(ValueError, match="float32"):
         triton_render.forward(torch.rand(1, 5, 10).double(), torch.rand(1, 3, 4, 4).double())
+
+
+def test_binned_tile_is_small_where_strokes_are_many_for_the_canvas():
+    """16 x 8 tiles at BIN_SMALL_TILE_PIXELS pixels per stroke or fewer, given the programs it needs;
+    the walked launch's tile otherwise."""
+    dev = torch.device("cpu")  # one "SM" on the CPU: every grid has enough programs for the first tile
+    small = tuple(triton_render.BIN_SMALL_TILE[:2]), triton_render.BIN_SMALL_TILE[2]
+    walked = tuple(triton_render.TILES[0][:2]), triton_render.TILES[0][2]
+    assert triton_render.pick_binned_tile(128, 1000, 512, 512, dev) == small
+    assert triton_render.pick_binned_tile(128, 100, 128, 128, dev) == small
+    assert triton_render.pick_binned_tile(128, 100, 512, 512, dev) == walked
+    assert triton_render.pick_binned_tile(128, 256, 512, 512, dev) == small   # 1024 pixels per stroke
+    assert triton_render.pick_binned_tile(128, 255, 512, 512, dev) == walked
