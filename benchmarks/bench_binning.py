@@ -3,9 +3,9 @@ all strokes against binned launches (per-tile stroke lists, the binning kernel's
 
     python benchmarks/bench_binning.py [--batch 128] [--strokes 100 200 500 1000] [--sizes 128 256 512]
 
-The strokes are the first N of the default preset's fit of the 11 benchmark photos
-(repeated to fill the batch), so their sizes are those a joint pass or a group
-meets. Prints ms per image for both, the speed-up, the stroke-tile pairs each
+The strokes are the first N (or, with ``--offset K``, strokes K..K+N) of the default
+preset's fit of the 11 benchmark photos (repeated to fill the batch), so their sizes
+are those a joint pass or a group meets. Prints ms per image for both, the speed-up, the stroke-tile pairs each
 tile visits, the peak memory of a step and how far the two launches' canvas and
 gradients lie apart. The result decides ``triton_render.BIN_MIN_STROKES``.
 """
@@ -45,6 +45,8 @@ def main() -> None:
     ap.add_argument("--strokes", type=int, nargs="+", default=[100, 200, 300, 500, 1000])
     ap.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512])
     ap.add_argument("--tiles", nargs="*", default=[], help="more tiles for the binned launch, HxW:warps")
+    ap.add_argument("--offset", type=int, default=0,
+                    help="take strokes offset..offset+N (900 with N = 100: the last group's, as a full-size group meets)")
     args = ap.parse_args()
     dev = torch.device("cuda")
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {__import__('triton').__version__}")
@@ -60,7 +62,7 @@ def main() -> None:
         target = downsample(targets, size)
         base = background[:, :, None, None].expand(-1, -1, size, size).contiguous()
         for n in args.strokes:
-            s = strokes_all[:, :n].contiguous()
+            s = strokes_all[:, args.offset : args.offset + n].contiguous()
             walked = time_ms(lambda: step(s, base, target, False))
             binned = time_ms(lambda: step(s, base, target, True))
             mem_w = peak_mib(lambda: step(s, base, target, False))

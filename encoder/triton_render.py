@@ -655,8 +655,9 @@ BIN_MIN_STROKES = 25
 # strokes a smaller tile wastes less on strokes that only touch it. One step at
 # B = 128 on a fit's strokes (benchmarks/RESULTS.md, run B5): 1000 strokes at
 # 256 px 0.0555 ms per image against 0.0703 on 16 x 16 and 0.127 on 16 x 32;
-# 100 at 128 px 0.0053 against 0.0104 on 16 x 32; but 100 at 512 px (2,621 pixels
-# per stroke) 0.0538 against 0.0438 on 16 x 32.
+# 100 at 128 px 0.0053 against 0.0104 on 16 x 32; but a full-size group's 100
+# strokes at 512 px (2,621 pixels per stroke, 2.4 listed per tile) 0.0157 against
+# 0.0102 on 16 x 32 (run B6): with short lists a tile's own loads and stores dominate.
 BIN_SMALL_TILE_PIXELS = 1024
 BIN_SMALL_TILE = (16, 8, 1, 8)  # (rows, columns, warps, programs per SM it needs), as in TILES
 _BIN_BLOCK = 128
