@@ -15,6 +15,7 @@ from pathlib import Path
 import encoder
 
 from .sources import Timeouts
+from .writer import COLUMNS
 
 DEFAULT_PRESET = "default"
 CPU_PRESET = "cpu_small"
@@ -81,6 +82,8 @@ class PipelineConfig:
             if not isinstance(name, str) or kind not in EXTRA_COLUMN_TYPES:
                 raise ValueError(f"pipeline.extra_columns maps .json field names to one of "
                                  f"{', '.join(EXTRA_COLUMN_TYPES)}, got {name!r}: {kind!r}")  # fmt: skip
+            if name in COLUMNS:  # a second column of that name: every shard's file would be refused
+                raise ValueError(f"pipeline.extra_columns: {name!r} is a column of the output already")
         at_least_one = ("batch_size", "reader_threads", "prefetch_batches", "row_group_size", "workers",
                         "cpus_per_worker", "max_image_pixels", "min_image_side", "max_error_messages",
                         "max_member_bytes")  # fmt: skip

@@ -103,9 +103,11 @@ def _typed(value, kind: pa.DataType):
     if value is None or isinstance(value, bool) != pa.types.is_boolean(kind):
         return None
     if pa.types.is_floating(kind):
-        return float(value) if isinstance(value, (int, float)) else None
+        # JSON integers are unbounded: one past float64's range does not fit either
+        return float(value) if isinstance(value, float) or (isinstance(value, int) and abs(value) < 2**1023) else None
     if pa.types.is_integer(kind):
-        return int(value) if isinstance(value, int) or (isinstance(value, float) and value.is_integer()) else None
+        whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+        return int(value) if whole and -(2**63) <= value < 2**63 else None
     if pa.types.is_string(kind):
         return value if isinstance(value, str) else None
     return value

@@ -331,6 +331,24 @@ def test_extra_columns_setting_is_checked():
     from pipeline.config import PipelineConfig
 
     assert PipelineConfig(extra_columns={"AESTHETIC_SCORE": "float64"}).extra_columns
-    for bad in ({"AESTHETIC_SCORE": "float"}, {"x": 3}, ["AESTHETIC_SCORE"]):
+    for bad in ({"AESTHETIC_SCORE": "float"}, {"x": 3}, ["AESTHETIC_SCORE"], {"caption": "string"}):
         with pytest.raises(ValueError, match="extra_columns"):
             PipelineConfig(extra_columns=bad)
+
+
+def test_typed_columns_take_any_json_value_without_failing_the_shard():
+    """JSON numbers are unbounded: a value out of its column's range is null there and kept in
+    extra, as a mistyped one is; nothing in a sample's .json can make the shard's table fail."""
+    from pipeline.writer import make_schema, rows_to_table
+
+    schema = make_schema(2, extra_columns={"score": "float64", "count": "int64", "flag": "bool", "tag": "string"})
+    metas = [{"score": 10**400, "count": 2**63, "flag": 1, "tag": 7},
+             {"score": 3, "count": 5.0, "flag": True, "tag": "a"},
+             {"score": float("nan"), "count": float("inf")}]
+    rows = [{"key": f"k{i}", "status": "ok", "meta": meta} for i, meta in enumerate(metas)]
+    table = rows_to_table(rows, schema).to_pylist()
+    assert [table[0][c] for c in ("score", "count", "flag", "tag")] == [None] * 4
+    assert json.loads(table[0]["extra"]) == {"score": 10**400, "count": 2**63, "flag": 1, "tag": 7}
+    assert (table[1]["score"], table[1]["count"], table[1]["flag"], table[1]["tag"], table[1]["extra"]) == \
+        (3.0, 5, True, "a", None)
+    assert np.isnan(table[2]["score"]) and table[2]["count"] is None and "count" in json.loads(table[2]["extra"])
