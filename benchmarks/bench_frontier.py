@@ -31,7 +31,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from encoder import fit_batch, load_config  # noqa: E402
+from encoder import fit_batch, load_config, render  # noqa: E402
+from encoder.images import psnr  # noqa: E402
 from encoder.images import center_crop_resize, pil_to_tensor  # noqa: E402
 from photos import BENCHMARK_PHOTOS, HELD_OUT_PHOTOS, TUNING_PHOTOS, load_photo  # noqa: E402
 
@@ -68,6 +69,7 @@ def measure(variant: dict, photos: dict[str, torch.Tensor], default_batch: int, 
     row["benchmark"] = {n: float(p) for n, p in zip(BENCHMARK_PHOTOS, first.psnr[:n_bench])}
     row["refined_share"] = float(first.refined[:n_bench].float().mean()) if first.refined is not None else 0.0
     row["before_refine"] = {n: float(p) for n, p in zip(BENCHMARK_PHOTOS, first.group_psnr[:n_bench, -1])}
+    row["prefix_psnr"] = prefix_psnr(first, photos["benchmark"], device)
     extra_names = TUNING_PHOTOS + HELD_OUT_PHOTOS
     extra = fit_batch(fill(photos["extra"], batch), config, device=device)
     extra_psnr = {n: float(p) for n, p in zip(extra_names, extra.psnr[: len(extra_names)])}
@@ -76,6 +78,22 @@ def measure(variant: dict, photos: dict[str, torch.Tensor], default_batch: int, 
     for key in ("benchmark", "tuning", "held_out"):
         row[f"mean_{key}"] = sum(row[key].values()) / len(row[key])
     return row
+
+
+PREFIXES = (100, 250, 500)
+
+
+def prefix_psnr(result, targets: torch.Tensor, device: str) -> dict:
+    """Mean PSNR over ``targets`` of the first 100, 250, 500 strokes of each stored painting, and of all of
+    them, rendered at the targets' size with the exact renderer: text-to-strokes models generate in
+    stored order, so a fit that stops putting the coarse strokes first shows here."""
+    n_img, _, size, _ = targets.shape
+    strokes, background = result.strokes[:n_img], result.background[:n_img]
+    out = {}
+    for k in (*PREFIXES, strokes.shape[1]):
+        canvas = render(strokes[:, :k], background, size, size, device=device)
+        out[str(k)] = float(psnr(canvas, targets.cpu()).mean())
+    return out
 
 
 def main() -> None:
@@ -102,7 +120,7 @@ def main() -> None:
                 benchmark_photos=BENCHMARK_PHOTOS, tuning_photos=TUNING_PHOTOS, held_out_photos=HELD_OUT_PHOTOS)
     print(f"device: {meta['device']}  torch {meta['torch']}", flush=True)
     print(f"{'variant':>28s} {'B':>4s} {'img/s':>7s} {'bench':>6s} {'lisa':>6s} {'astro':>6s} {'tune':>6s} {'held':>6s}"
-          f" {'worst d':>7s}", flush=True)
+          f" {'worst d':>7s}  {'first 100/250/500/all strokes':>29s}", flush=True)
     rows = []
     for variant in variants:
         row = measure(variant, photos, args.batch, args.reps, base, args.device)
@@ -111,7 +129,8 @@ def main() -> None:
         worst = min(row["benchmark"][n] - today[n] for n in today)  # vs the first variant, per photo
         print(f"{row['name']:>28s} {row['batch']:4d} {row['images_per_s']:7.2f} {row['mean_benchmark']:6.2f}"
               f" {row['benchmark']['lisa']:6.2f} {row['benchmark']['astronaut']:6.2f} {row['mean_tuning']:6.2f}"
-              f" {row['mean_held_out']:6.2f} {worst:+7.2f}", flush=True)
+              f" {row['mean_held_out']:6.2f} {worst:+7.2f}  " + "/".join(f"{v:.2f}" for v in row["prefix_psnr"].values()),
+              flush=True)
         if args.out:  # after every variant: a run cut off by its time limit keeps what it measured
             args.out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
 

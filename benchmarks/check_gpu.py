@@ -38,21 +38,24 @@ def main() -> None:
             ref_canvas, ref_value = reference.render_loss(sd, base.double(), tgt.double(), loss)
             ref_value.sum().backward()
             # Every tile variant walking all strokes, and binned (per-tile stroke lists) where the loss allows.
-            runs = [(variant, False) for variant in args.tiles]
-            runs += [(variant, True) for variant in args.tiles if loss != "prefix_l1"]
-            for variant, binned in runs:
+            # Binned both ways: every stroke tested per tile, and two-level (coarse tiles first).
+            runs = [(variant, None) for variant in args.tiles]
+            runs += [(variant, coarse) for variant in args.tiles if loss != "prefix_l1" for coarse in (False, True)]
+            for variant, coarse in runs:
+                binned = coarse is not None
                 shape, warps = variant.split(":")
                 tile, warps = tuple(int(t) for t in shape.split("x")), int(warps)
                 sg, bg, tg = s.to(dev), base.to(dev), tgt.to(dev)
-                bins = triton_render.bin_strokes(triton_render.prepare(sg), h, w, tile, warps) if binned else None
+                bins = (triton_render.bin_strokes(triton_render.prepare(sg), h, w, tile, warps, coarse=coarse)
+                        if binned else None)
                 launch = dict(bins=bins) if binned else dict(tile=tile, num_warps=warps)
                 canvas, value = triton_render.forward(sg, bg, tg, loss, **launch)
                 grad, _ = triton_render.backward(sg, bg, tg, canvas, torch.ones(b, device=dev), loss, **launch)
-                variant = variant + (" binned" if binned else "")
+                variant = variant + (" binned" if binned else "") + (" 2-level" if coarse else "")
                 fwd = (canvas.cpu().double() - ref_canvas).abs().max().item()
                 rel = ((grad.cpu().double() - sd.grad).norm(dim=(0, 1)) / sd.grad.norm(dim=(0, 1)).clamp_min(1e-30)).max().item()
                 worst_fwd, worst_grad = max(worst_fwd, fwd), max(worst_grad, rel)
-                print(f"B={b} N={n} {h}x{w} {loss:9s} tile {variant:15s} canvas max|diff| {fwd:.2e}  "
+                print(f"B={b} N={n} {h}x{w} {loss:9s} tile {variant:23s} canvas max|diff| {fwd:.2e}  "
                       f"loss diff {abs(value.cpu().double() - ref_value.detach()).max().item():.2e}  grad worst field rel {rel:.2e}")
     print(f"WORST forward {worst_fwd:.2e} (tol 1e-4)  gradient {worst_grad:.2e} (tol 1e-3)  {'PASS' if worst_fwd < 1e-4 and worst_grad < 1e-3 else 'FAIL'}")
     check_graphed_fit(dev)

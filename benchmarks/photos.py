@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+REPO_LISA = Path(__file__).resolve().parent.parent / "tests" / "data" / "lisa.jpg"
 SEED_LISA = Path(__file__).resolve().parent.parent.parent / "shared" / "seed" / "lisa.jpg"
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
                   "retina", "camera", "moon", "coins", "grass", "brick")
@@ -20,12 +21,12 @@ HELD_OUT_PHOTOS = ("brick", "microaneurysms", "text", "logo", "colorwheel", "hor
 
 
 def load_photo(name: str) -> Image.Image:
-    """A PIL image by skimage.data name, or 'lisa' (the seed's test image, when ../shared is there)."""
+    """A PIL image by skimage.data name, or 'lisa' (the seed's test image, kept in tests/data)."""
     if name == "lisa":
-        for path in (SEED_LISA, Path("shared/seed/lisa.jpg"), Path(".bench/lisa.jpg")):
+        for path in (REPO_LISA, SEED_LISA):
             if path.is_file():
                 return Image.open(path).convert("RGB")
-        raise FileNotFoundError("lisa.jpg not found (looked in ../shared/seed, shared/seed, .bench)")
+        raise FileNotFoundError(f"lisa.jpg not found (looked for {REPO_LISA} and {SEED_LISA})")
     import skimage.data
 
     array = skimage.data.stereo_motorcycle()[0] if name == "motorcycle_left" else getattr(skimage.data, name)()

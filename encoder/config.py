@@ -175,6 +175,11 @@ class FitConfig:
     # The same for strokes that cover fewer than this many pixels of the full-size image (alpha times
     # the transmittance above, summed): faint, tiny or hidden ones (0: never).
     refine_replace_coverage: float = 0.0
+    # The opacity below which the renderer of a gradient step skips a stroke on a tile (Triton backend).
+    # Culling changes a pixel by at most the sum of the skipped strokes' opacities there, each below
+    # this. Every commit and reported PSNR is rendered at the exact threshold (triton_render.CULL_OPACITY,
+    # 1e-7), so a coarser value here trades gradient tails for shorter tile lists, never a false PSNR.
+    step_cull_opacity: float = 1e-7
     placement: str = "power"      # power: p ~ error ** placement_power; softmax: p ~ exp(error) (the seed's)
     placement_power: float = 2.0
     background: str = "mean"      # initial background: mean colour of the target, or black (the seed's)
@@ -217,6 +222,8 @@ class FitConfig:
             raise ValueError(f"encoder.refine_replace_alpha must be in [0, 1), got {self.refine_replace_alpha}")
         if self.refine_replace_coverage < 0 or self.init_size_power < 0:
             raise ValueError("encoder.refine_replace_coverage and init_size_power must be >= 0")
+        if not 0 < self.step_cull_opacity < 1:
+            raise ValueError(f"encoder.step_cull_opacity must be in (0, 1), got {self.step_cull_opacity}")
         if self.stage_refine < 0:
             raise ValueError(f"encoder.stage_refine must be >= 0, got {self.stage_refine}")
         if not (0 <= self.lr_decay <= 1 and 0 <= self.refine_lr_decay <= 1):

@@ -38,11 +38,13 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 def loss_and_grad(
     strokes: torch.Tensor, base: torch.Tensor, target: torch.Tensor, loss: str, backend: str, base_grad: bool = False,
-    grad_out: torch.Tensor | None = None,
+    grad_out: torch.Tensor | None = None, cull_opacity: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Canvas, per-image loss ``[B]`` and the gradient of ``loss.sum()``.
 
     ``grad_out``, if given, must be zero; the Triton backend accumulates into it.
+    ``cull_opacity``: the Triton backend's culling threshold (``triton_render.prepare``; None: its
+    default); the reference culls nothing.
 
     Returns ``(canvas, loss, grad_strokes [B, N, 10], grad_base [B, 3, H, W] or None)``.
     Images are independent, so the summed loss gives each image its own gradient.
@@ -50,7 +52,7 @@ def loss_and_grad(
     if backend == "triton":
         from . import triton_render
 
-        prepared = triton_render.prepare(strokes)
+        prepared = triton_render.prepare(strokes, cull_opacity or triton_render.CULL_OPACITY)
         bins = _bins(prepared, base, loss)
         canvas, value = triton_render.forward(strokes, base, target, loss, prepared=prepared, bins=bins)
         ones = torch.ones_like(value)

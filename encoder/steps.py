@@ -42,7 +42,8 @@ def optimise_group(
         return _run_steps(strokes, base, target, background, config, lrs, lo, hi, backend, config.steps)
     # lrs follow from lr and lr_scale; keying on them, not on the tensor, needs no device sync.
     key = (strokes.device, tuple(strokes.shape), tuple(target.shape), background is not None, config.steps,
-           config.loss, config.betas, config.lr, config.lr_decay, tuple(sorted(config.lr_scale.items())))
+           config.loss, config.betas, config.lr, config.lr_decay, tuple(sorted(config.lr_scale.items())),
+           config.step_cull_opacity)
     graphed = _graphs.pop(key, None)
     if graphed is None:
         graphed = _GraphedSteps(strokes, base, target, background, config, lrs, lo, hi)
@@ -67,7 +68,8 @@ def _run_steps(strokes, base, target, background, config, lrs, lo, hi, backend, 
         factor = 1.0 - config.lr_decay * t / max(1, steps - 1)
         if fit_bg:
             base = bg[:, :, None, None].expand(-1, -1, res, res).contiguous()
-        _, _, grad, grad_base = renderer.loss_and_grad(strokes, base, target, config.loss, backend, fit_bg, grad)
+        _, _, grad, grad_base = renderer.loss_and_grad(strokes, base, target, config.loss, backend, fit_bg, grad,
+                                                     config.step_cull_opacity)
         opt.step(grad, factor)
         if fit_bg:
             bg_opt.step(grad_base.sum(dim=(2, 3)), factor)

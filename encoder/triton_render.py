@@ -266,7 +266,9 @@ def _q_min(P, x0, x1, y0, y1):
 
 
 @triton.jit
-def _bin_kernel(PREPARED, LIST, COUNT, N, H, W, inv_h, BH: tl.constexpr, BW: tl.constexpr, BLOCK: tl.constexpr):
+def _bin_kernel(PREPARED, SOURCE, SOURCE_COUNT, LIST, COUNT, N, H, W, inv_h, BH: tl.constexpr, BW: tl.constexpr,
+                COARSE_ROWS: tl.constexpr, COARSE_COLS: tl.constexpr, FROM_COARSE: tl.constexpr,
+                BLOCK: tl.constexpr):
     """Per tile of each image, the strokes that reach it, in painting order: ``LIST[b, tile, :COUNT[b, tile]]``.
 
     `_reach`'s test on BLOCK strokes at once, then a prefix sum compacts the
@@ -274,16 +276,37 @@ def _bin_kernel(PREPARED, LIST, COUNT, N, H, W, inv_h, BH: tl.constexpr, BW: tl.
     only their tile's list: a culled stroke costs them nothing instead of a
     serial test each, which is most of the work when strokes are small
     against the image.
+
+    FROM_COARSE: the candidates are not all N strokes but the list of the
+    coarse tile (COARSE_ROWS x COARSE_COLS of these tiles, binned by this
+    kernel before, ``SOURCE``/``SOURCE_COUNT``) that holds this tile. A stroke
+    that provably misses the coarse tile misses every tile inside it, so the
+    list is the same proof of culling, at a fraction of the tests.
     """
     b, img, plane, mask, xs, ys, x0, x1, y0, y1 = _tile(H, W, inv_h, BH, BW)
     cell = b * tl.num_programs(0) + tl.program_id(0)
     out = LIST + cell * N
     PREPARED += b * N * PREP
     count = tl.program_id(0) * 0
-    for start in range(0, N, BLOCK):
-        j = start + tl.arange(0, BLOCK)
-        inside = j < N
-        P = PREPARED + tl.minimum(j, N - 1) * PREP  # the tail re-reads the last stroke, masked below
+    if FROM_COARSE:
+        n_tw = tl.cdiv(W, BW)
+        n_cw = tl.cdiv(W, BW * COARSE_COLS)
+        n_ch = tl.cdiv(H, BH * COARSE_ROWS)
+        pid = tl.program_id(0)
+        coarse = b * n_cw * n_ch + ((pid // n_tw) // COARSE_ROWS) * n_cw + (pid % n_tw) // COARSE_COLS
+        candidates = tl.load(SOURCE_COUNT + coarse)
+        source = SOURCE + coarse * N
+    else:
+        candidates = N
+        source = SOURCE
+    for start in range(0, candidates, BLOCK):
+        k = start + tl.arange(0, BLOCK)
+        inside = k < candidates
+        if FROM_COARSE:
+            j = tl.load(source + k, mask=inside, other=0).to(tl.int32)
+        else:
+            j = tl.minimum(k, N - 1)  # the tail re-reads the last stroke, masked below
+        P = PREPARED + j * PREP
         hit = inside & _in_disc(P, x0, x1, y0, y1)
         hit = hit & (_q_min(P, x0, x1, y0, y1) <= tl.load(P + P_LOG_RATIO))
         flags = hit.to(tl.int32)
@@ -597,14 +620,22 @@ def _check(strokes: torch.Tensor, base: torch.Tensor, target: torch.Tensor | Non
             raise ValueError(f"{name} must be float32 on {strokes.device}, got {t.dtype} on {t.device}")
 
 
-def prepare(strokes: torch.Tensor) -> torch.Tensor:
-    """The per-stroke quantities every tile needs, computed once: ``[B, N, PREP]`` (see _prepare_kernel)."""
+def prepare(strokes: torch.Tensor, cull_opacity: float = CULL_OPACITY) -> torch.Tensor:
+    """The per-stroke quantities every tile needs, computed once: ``[B, N, PREP]`` (see _prepare_kernel).
+
+    ``cull_opacity``: a tile skips a stroke whose opacity stays below it everywhere on the tile, so a
+    pixel's value differs from the exact painting by at most the sum of the opacities there of the
+    strokes skipped on its tile (each below ``cull_opacity``). The default keeps that under 1e-4
+    at N = 1000; the fit's gradient steps may take a coarser one (``FitConfig.step_cull_opacity``).
+    """
+    if not 0 < cull_opacity < 1:
+        raise ValueError(f"cull_opacity must be in (0, 1), got {cull_opacity}")
     strokes = strokes.contiguous()
     prepared = torch.empty(*strokes.shape[:2], PREP.value, device=strokes.device, dtype=torch.float32)
     total = strokes.shape[0] * strokes.shape[1]
     if total:
         block = 256
-        _prepare_kernel[(triton.cdiv(total, block),)](strokes, prepared, total, CULL_OPACITY, BLOCK=block)
+        _prepare_kernel[(triton.cdiv(total, block),)](strokes, prepared, total, float(cull_opacity), BLOCK=block)
     return prepared
 
 
@@ -661,6 +692,12 @@ BIN_MIN_STROKES = 25
 BIN_SMALL_TILE_PIXELS = 1024
 BIN_SMALL_TILE = (16, 8, 1, 8)  # (rows, columns, warps, programs per SM it needs), as in TILES
 _BIN_BLOCK = 128
+# Binning tests every stroke against every tile: at 512 x 512 in 16 x 8 tiles with 1000 strokes
+# that is half of a joint step once the lists are short (benchmarks/RESULTS.md, round 4). From
+# BIN_COARSE_MIN_STROKES strokes up it bins first into tiles of about COARSE_TILE_PIXELS square,
+# and each tile then tests only its coarse tile's strokes.
+BIN_COARSE_MIN_STROKES = 200
+COARSE_TILE_PIXELS = 64
 
 
 def should_bin(n_strokes: int, loss: str | None) -> bool:
@@ -674,21 +711,36 @@ def pick_binned_tile(b: int, n: int, h: int, w: int, device: torch.device) -> tu
 
 
 def bin_strokes(prepared: torch.Tensor, h: int, w: int, tile: tuple[int, int] | None = None,
-                num_warps: int | None = None) -> Bins:
+                num_warps: int | None = None, coarse: bool | None = None) -> Bins:
     """The strokes that can reach each tile of an H x W canvas, in painting order (see _bin_kernel).
 
-    Memory: B x tiles x N indices (at B = 128, 512 x 512 in 16 x 8 tiles and
-    N = 1000: 524 MB).
+    ``coarse`` (default: from BIN_COARSE_MIN_STROKES strokes up, on canvases larger than a coarse
+    tile): bin first into COARSE_TILE_PIXELS tiles, then each tile tests only its coarse tile's
+    list. Memory: B x tiles x N indices (at B = 128, 512 x 512 in 16 x 8 tiles and
+    N = 1000: 524 MB), and B x coarse tiles x N for the coarse lists.
     """
     bsz, n = prepared.shape[:2]
     if tile is None:
         tile, num_warps = pick_binned_tile(bsz, n, h, w, prepared.device)
+    if coarse is None:
+        coarse = n >= BIN_COARSE_MIN_STROKES and max(h, w) > COARSE_TILE_PIXELS
     grid = _grid(bsz, h, w, tile)
     dtype = torch.int16 if n <= torch.iinfo(torch.int16).max else torch.int32
     lists = torch.empty(bsz, grid[0], max(n, 1), device=prepared.device, dtype=dtype)
     counts = torch.empty(bsz, grid[0], device=prepared.device, dtype=torch.int32)
     if bsz:
-        _bin_kernel[grid](prepared, lists, counts, n, h, w, 1.0 / h, BH=tile[0], BW=tile[1], BLOCK=_BIN_BLOCK,
+        ratio = (max(1, COARSE_TILE_PIXELS // tile[0]), max(1, COARSE_TILE_PIXELS // tile[1]))
+        source, source_count = lists, counts  # not read unless coarse
+        if coarse:
+            coarse_tile = (tile[0] * ratio[0], tile[1] * ratio[1])
+            coarse_grid = _grid(bsz, h, w, coarse_tile)
+            source = torch.empty(bsz, coarse_grid[0], max(n, 1), device=prepared.device, dtype=dtype)
+            source_count = torch.empty(bsz, coarse_grid[0], device=prepared.device, dtype=torch.int32)
+            _bin_kernel[coarse_grid](prepared, source, source_count, source, source_count, n, h, w, 1.0 / h,
+                                     BH=coarse_tile[0], BW=coarse_tile[1], COARSE_ROWS=1, COARSE_COLS=1,
+                                     FROM_COARSE=False, BLOCK=_BIN_BLOCK, num_warps=4)
+        _bin_kernel[grid](prepared, source, source_count, lists, counts, n, h, w, 1.0 / h, BH=tile[0], BW=tile[1],
+                          COARSE_ROWS=ratio[0], COARSE_COLS=ratio[1], FROM_COARSE=coarse, BLOCK=_BIN_BLOCK,
                           num_warps=4)
     return Bins(tuple(tile), num_warps or 4, lists, counts)
 

@@ -141,3 +141,25 @@ def test_a_diverging_image_is_flagged_and_its_strokes_stay_finite(monkeypatch):
     assert result.ok.tolist() == [True, False]
     assert torch.isfinite(result.strokes).all() and torch.isfinite(result.background).all()
     assert torch.equal(result.strokes[0], clean.strokes[0])
+
+
+def test_step_culling_reaches_every_gradient_step_and_no_commit(monkeypatch):
+    """``step_cull_opacity`` is the threshold of every gradient step (groups and joint passes); the
+    commits and the PSNR are rendered exactly (``composite``), so a coarse threshold never shows in a
+    reported PSNR. Out-of-range values are refused."""
+    from encoder import renderer
+
+    seen = []
+    real = renderer.loss_and_grad
+    monkeypatch.setattr(renderer, "loss_and_grad",
+                        lambda *a, **k: seen.append(a[7] if len(a) > 7 else k.get("cull_opacity")) or real(*a, **k))
+    config = FitConfig(**{**TINY, "refine": [[1.0, 3]], "step_cull_opacity": 1e-3})
+    result = fit_batch(photo(0)[None], config)
+    assert len(seen) == 3 * 6 + 3 and set(seen) == {1e-3}
+    canvas = composite(result.strokes, result.background[:, :, None, None].expand(-1, -1, 16, 16).contiguous(),
+                       "reference")
+    exact = 10 * torch.log10(1 / (canvas - photo(0)[None]).square().mean())
+    assert abs(exact.item() - result.psnr.item()) < 1e-4
+    for bad in (0.0, 1.0, -0.5):
+        with pytest.raises(ValueError, match="step_cull_opacity"):
+            FitConfig(**{**TINY, "step_cull_opacity": bad})

@@ -83,6 +83,74 @@ def test_bins_list_exactly_the_strokes_each_tile_keeps():
     assert 0 < bins.counts.sum() < b * n * hits.shape[2]  # some strokes are culled, some kept
 
 
+def _culling_strokes(b, n, h, w, seed):
+    gen = torch.Generator().manual_seed(seed)
+    s = random_strokes(b, n, w / h, generator=gen)
+    s[..., MU_R] = 0.05 + 0.1 * torch.rand(b, n, generator=gen)
+    s[..., SIGMA_R] = 0.01 + 0.05 * torch.rand(b, n, generator=gen)
+    s[..., SIGMA_T] = 0.02 + 0.2 * torch.rand(b, n, generator=gen)
+    return s
+
+
+@pytest.mark.parametrize("cull", [triton_render.CULL_OPACITY, 2e-3])
+def test_coarse_bins_keep_every_stroke_that_reaches_its_tile(monkeypatch, cull):
+    """Two-level binning (coarse tiles first, then each tile tests its coarse tile's list): each list is,
+    in painting order, a subset of the one-level list, and a stroke missing from it stays below the
+    culling opacity on every pixel of that tile (float64 reference): the same proof of culling."""
+    b, n, h, w, tile = 2, 300, 40, 56, (8, 8)
+    s = _culling_strokes(b, n, h, w, 33)
+    monkeypatch.setattr(triton_render, "COARSE_TILE_PIXELS", 16)  # 2 x 2 tiles a coarse tile; 3 x 4 of them
+    prepared = triton_render.prepare(s, cull)
+    flat = triton_render.bin_strokes(prepared, h, w, tile=tile, coarse=False)
+    two = triton_render.bin_strokes(prepared, h, w, tile=tile, coarse=True)
+    x, y = reference.pixel_grid(h, w, dtype=torch.float64)
+    alpha = reference.opacity(s.double(), x, y)  # [B, N, H, W]
+    tiles_w = -(-w // tile[1])
+    dropped = 0
+    for i in range(b):
+        for t in range(flat.counts.shape[1]):
+            want = flat.lists[i, t, : flat.counts[i, t]].long().tolist()
+            got = two.lists[i, t, : two.counts[i, t]].long().tolist()
+            assert got == [j for j in want if j in set(got)], (i, t)  # a subset, in order
+            r0, c0 = (t // tiles_w) * tile[0], (t % tiles_w) * tile[1]
+            for j in set(want) - set(got):
+                assert alpha[i, j, r0:r0 + tile[0], c0:c0 + tile[1]].max().item() < cull
+                dropped += 1
+    assert 0 < two.counts.sum() <= flat.counts.sum()
+
+
+@pytest.mark.parametrize("cull", [triton_render.CULL_OPACITY, 1e-3, 5e-2])
+def test_culled_pixels_stay_within_their_bound(cull):
+    """A pixel of a culled rendering differs from the exact painting (float64 reference, nothing culled)
+    by at most the sum of the opacities there of the strokes below ``cull`` at that pixel: a skipped
+    stroke would have moved the pixel by its opacity times a colour difference of at most 1, and later
+    strokes only shrink that. Binned and walked launches, one-level and two-level bins."""
+    b, n, h, w = 2, 60, 24, 40
+    s = _culling_strokes(b, n, h, w, 7)
+    base = torch.rand(b, 3, h, w, generator=torch.Generator().manual_seed(8))
+    x, y = reference.pixel_grid(h, w, dtype=torch.float64)
+    alpha = reference.opacity(s.double(), x, y)
+    bound = torch.where(alpha < cull, alpha, 0.0).sum(dim=1)[:, None]  # [B, 1, H, W]
+    exact, _ = reference.render_loss(s.double(), base.double())
+    prepared = triton_render.prepare(s, cull)
+    launches = [dict(tile=(8, 8)),
+                dict(bins=triton_render.bin_strokes(prepared, h, w, tile=(8, 8), coarse=False)),
+                dict(bins=triton_render.bin_strokes(prepared, h, w, tile=(8, 8), coarse=True))]
+    for launch in launches:
+        canvas, _ = triton_render.forward(s, base, prepared=prepared, **launch)
+        err = (canvas.double() - exact).abs()
+        assert torch.all(err <= bound + 1e-5), (err - bound).max().item()  # 1e-5: float32 rounding
+    if cull >= 1e-3:  # the bound is not vacuous: culling changed pixels, by less than it allows
+        assert err.max().item() > 1e-4
+
+
+def test_cull_opacity_is_checked():
+    s = random_strokes(1, 2, generator=torch.Generator().manual_seed(1))
+    for bad in (0.0, 1.0, -1e-3):
+        with pytest.raises(ValueError, match="cull_opacity"):
+            triton_render.prepare(s, bad)
+
+
 def test_loss_and_grad_bins_from_the_threshold_on_and_agrees(monkeypatch):
     """The fit's entry point: binned at or above BIN_MIN_STROKES, the same canvas, loss and gradients
     as the walk over every stroke, to float rounding."""
