@@ -19,6 +19,7 @@ import sys
 
 import encoder
 from pipeline.config import DEFAULT_PRESET
+from pipeline.redact import redact
 
 DEFAULT_OUTPUT = "out"
 
@@ -106,11 +107,11 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except (ValueError, FileNotFoundError, LockHeld) as exc:
         # Settings, flags, paths, shards, a folder held by another run: found before anything started.
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:
         # The disk or the system failed while running (a full disk writing the summary, ...).
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(exc)}", file=sys.stderr)
         return 1
 
 

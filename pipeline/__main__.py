@@ -3,7 +3,7 @@
     python -m pipeline fit IMAGE... --strokes N --size S --device cpu|cuda -o OUT.parquet --preview DIR
     python -m pipeline render STROKES.pt|OUT.parquet [--key KEY] --size S -o OUT.png [--target IMAGE]
     python -m pipeline bench [--batch B] [--size S]
-    python -m pipeline gallery OUT -o report.html [--worst N] [--best N] [--timelapse-key KEY]
+    python -m pipeline gallery OUT -o report.html [--shards SPEC ...] [--worst N] [--best N] [--timelapse-key KEY]
 
 It lives in the pipeline (not the encoder) because ``fit -o`` writes the same
 Parquet format as ``run_encode.py``, through the same writer, and ``render``
@@ -26,6 +26,7 @@ import encoder
 from encoder import FitConfig, ImageError, StrokeError, load_image, psnr, render, resolve_device, tensor_to_pil
 
 from .dataset import read_row
+from .redact import redact
 from .writer import ParquetRowWriter, encoder_metadata
 
 
@@ -204,8 +205,13 @@ def cmd_gallery(args) -> int:
 
     if not args.out.is_dir():
         raise UsageError(f"{args.out} is not an output folder")
+    shards = None
+    if args.shards:
+        from .shards import expand_specs
+
+        shards = expand_specs(args.shards)
     path, listed = write_report(args.out, args.output, worst=args.worst, best=args.best, thumb=args.thumb,
-                                timelapse_key=args.timelapse_key)  # fmt: skip
+                                timelapse_key=args.timelapse_key, shards=shards)  # fmt: skip
     print(json.dumps({"report": str(path), "images_listed": sum(len(v) for v in listed.values())}))
     return 0
 
@@ -252,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     gallery.add_argument("--best", type=int, default=12, help="rows listed with the highest PSNR")
     gallery.add_argument("--thumb", type=int, default=160, help="thumbnail size in pixels")
     gallery.add_argument("--timelapse-key", help="the image shown stroke by stroke (default: the median PSNR)")
+    gallery.add_argument("--shards", nargs="+", metavar="SPEC",
+                         help="the source shards to show the photos from, as run_encode.py --shards takes them "
+                              "(matched to rows by key); without it the report shows the paintings alone")
     gallery.set_defaults(func=cmd_gallery)
 
     args = ap.parse_args(argv)
@@ -260,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (UsageError, StrokeError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(exc)}", file=sys.stderr)
         return 2
 
 

@@ -128,6 +128,8 @@ def show_demo(options: RunOptions) -> None:
           "-o painting.png")
     if any(out.glob("*.parquet")):
         from .gallery import write_report
+        from .shards import expand_specs
 
-        report, _ = write_report(out, out.parent / "gallery.html")
+        # The shards this demo built and encoded: the gallery reads photos only from shards it is given.
+        report, _ = write_report(out, out.parent / "gallery.html", shards=expand_specs(options.shards))
         print(f"[demo] gallery (photos beside paintings, PSNR, throughput, a timelapse): {report.resolve()}")

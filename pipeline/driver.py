@@ -39,6 +39,7 @@ from .config import PipelineConfig
 from .lock import OutputLock
 from .preflight import Setup, prepare
 from .records import Tally
+from .redact import redact
 from .shards import META_DIR, Shard, check_settings, clean_temp, expected_samples, plan, settings_path
 from .worker import ShardEncoder
 from .writer import write_json_atomic
@@ -76,7 +77,7 @@ class WorkerDied(Exception):
 
 
 def _log(message: str) -> None:
-    tqdm.write(f"[painterbot] {message}", file=sys.stderr)
+    tqdm.write(f"[painterbot] {redact(message)}", file=sys.stderr)
 
 
 # -- where the work runs ------------------------------------------------------------------
@@ -497,8 +498,9 @@ class Dispatcher:
             except NoWorkers as exc:  # inflight is empty: only live workers run shards
                 _log(f"giving up: {exc}")
                 for shard in self.queue:
-                    self.outcome.failed[shard.id] = {"url": shard.url, "attempts": self.outcome.attempts[shard.id],
-                                                     "error": str(exc)}  # fmt: skip
+                    self.outcome.failed[shard.id] = {"url": redact(shard.url),
+                                                     "attempts": self.outcome.attempts[shard.id],
+                                                     "error": redact(exc)}  # fmt: skip
                 self.queue.clear()
                 break
             self._hand_out()
@@ -534,14 +536,14 @@ class Dispatcher:
             self.idle.append(slot)
 
     def _retry_or_fail(self, shard: Shard, why: str) -> None:
-        attempts = self.outcome.attempts[shard.id]
+        attempts, why = self.outcome.attempts[shard.id], redact(why)
         self.outcome.retried.setdefault(shard.id, []).append(f"attempt {attempts}: {why}")
         if attempts <= self.cfg.max_retries:
             _log(f"shard {shard.id}: attempt {attempts} failed ({why}); retrying")
             self.queue.append(shard)
         else:
             _log(f"shard {shard.id}: FAILED after {attempts} attempt(s): {why}")
-            self.outcome.failed[shard.id] = {"url": shard.url, "attempts": attempts, "error": why}
+            self.outcome.failed[shard.id] = {"url": redact(shard.url), "attempts": attempts, "error": why}
 
     def _poll_progress(self) -> None:
         current = {slot: shard.id for slot, shard in self.inflight.values()}
@@ -556,7 +558,7 @@ def _summary(setup: Setup, skipped: list[Shard], outcome: Outcome, started: floa
     for stats in outcome.results:
         tally.add(Tally.from_stats(stats))
     summary = {
-        "output": setup.out,
+        "output": redact(setup.out),
         "shards_total": len(setup.shards),
         "shards_encoded": len(outcome.results),
         "shards_skipped": len(skipped),
@@ -609,4 +611,4 @@ def _print_summary(s: dict) -> None:
         if info["done"]:
             lines.append(f"  retried {sid}: {info['errors'][-1]}")
     lines.append(f"  summary file    {storage.location(s['output']) / SUMMARY_NAME}")
-    print("\n".join(lines), flush=True)
+    print(redact("\n".join(lines)), flush=True)

@@ -11,11 +11,11 @@ the charts inline SVG, the few interactions a dozen lines of inline JavaScript, 
 - a stroke-by-stroke timelapse of one image (a slider over frames, and a play button).
 
 The photo is not stored in the output (a JPEG per row would bloat every read of the strokes): it
-is read back from the source shard named in the file's metadata (``painterbot.source``), by key,
-and cut by the same decode as the fit's target, so it shows exactly what the painting was fitted
-to. When the shard cannot be read any more (moved, remote and offline), the report says so in
-place of the photo. Rows written by ``python -m pipeline fit -o`` have no shard; their key is the
-image's path, which is read when it still exists.
+is read back, by key, from the source shards the user names (``--shards``), and cut by the same
+decode as the fit's target, so it shows exactly what the painting was fitted to. Nothing the
+output folder says is ever opened: not the source in a file's metadata (``painterbot.source``),
+not a key that looks like a path. Without ``--shards``, or for a key the given shards lack, the
+report shows the painting alone, with the recorded source (redacted) as text.
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ from .columns import encoder_size, file_metadata, open_file, parquet_files, tabl
 from .driver import SUMMARY_NAME
 from .reader import IMAGE_EXTS, SampleError, ShardReader, decode_image
 from .records import Status
+from .redact import redact
 from .shards import meta_dir
 
 MAX_FAILURES = 500  # failed rows listed; a run with more counts them in the stats
@@ -87,37 +88,45 @@ def _fetch(files: list[str], rows: list[dict], columns: list[str]) -> None:
                 row.update(got)
 
 
-def _photos(files: list[str], chosen: list[dict], size: int) -> dict[tuple[int, str], object]:
-    """(file, key) -> the fit target as a PIL image, or the reason it is unavailable (a string)."""
+def _photos(files: list[str], chosen: list[dict], size: int, shards: list[str] | None) -> dict[tuple[int, str], object]:
+    """(file, key) -> the fit target as a PIL image, or why it is not shown (a string).
+
+    Photos come only from ``shards``, the sources the user named on the command line, matched to
+    rows by key: never from a source, path or URL that the output folder names. A folder made by
+    someone else is data, and data must not choose what this machine runs, fetches or reads
+    (docs/security.md). Without ``shards`` every photo is the reason, with the recorded source
+    (redacted) as plain text.
+    """
+    wanted = {(r["file"], r["key"]) for r in chosen}
+    by_key: dict[str, list[int]] = {}
+    for f, key in wanted:
+        by_key.setdefault(key, []).append(f)
     found: dict[tuple[int, str], object] = {}
-    for f in sorted({r["file"] for r in chosen}):
-        wanted = {r["key"] for r in chosen if r["file"] == f}
-        source = file_metadata(open_file(files[f])).get("source")
-        if source is None:  # a single-image fit: the key is the image's path
-            for key in wanted:
-                try:
-                    found[(f, key)] = encoder.tensor_to_pil(encoder.load_image(key, size))
-                except (encoder.ImageError, OSError) as exc:
-                    found[(f, key)] = f"no source shard, and {key} is not readable ({exc})"
-            continue
-        reader = ShardReader(source, size)
+    errors: list[str] = []
+    for source in shards or []:
+        if not by_key.keys() - {k for _, k in found}:
+            break
         try:
-            for sample in reader.samples():
+            for sample in ShardReader(source, size).samples():
                 key = sample["__key__"]
-                if key not in wanted or "__status__" in sample:
+                if key not in by_key or "__status__" in sample or (by_key[key][0], key) in found:
                     continue  # a later sample with a key already used (duplicate_key) is not the row's image
                 image = next((sample[e] for e in IMAGE_EXTS if e in sample), b"")
                 try:
                     target, _, _ = decode_image(image, size, max_pixels=10**9, min_side=1)
-                    found[(f, key)] = encoder.tensor_to_pil(target)
+                    photo = encoder.tensor_to_pil(target)
                 except SampleError as exc:
-                    found[(f, key)] = f"undecodable in {source}: {exc}"
+                    photo = f"undecodable in {redact(source)}: {exc}"
+                for f in by_key[key]:
+                    found[(f, key)] = photo
         except Exception as exc:  # noqa: BLE001 - a source gone missing must not sink the report
-            reason = f"source shard {source} unreadable: {type(exc).__name__}: {exc}"
-            for key in wanted:
-                found.setdefault((f, key), reason)
-        for key in wanted:
-            found.setdefault((f, key), f"key not found in {source}")
+            errors.append(f"{redact(source)} unreadable: {type(exc).__name__}: {redact(exc)}")
+    recorded = {f: file_metadata(open_file(files[f])).get("source") for f in {f for f, _ in wanted}}
+    for f, key in wanted:
+        where = f"recorded source: {redact(recorded[f])}" if recorded[f] else "a single-image fit (no shard)"
+        hint = "not in the shards given with --shards" if shards else "give the source shards with --shards to show it"
+        hint += "".join(f"; {e}" for e in errors)
+        found.setdefault((f, key), f"photo not shown: {hint} ({where})")
     return found
 
 
@@ -266,8 +275,11 @@ def _timelapse(row: dict, photo, size: int, frames: int) -> str:
 
 
 def build_report(out: str | Path, worst: int = 12, best: int = 12, thumb: int = 160, timelapse_key: str | None = None,
-                 frames: int = 20) -> tuple[str, dict]:  # fmt: skip
-    """The report's HTML for output folder ``out``, and what it lists (keys per section)."""
+                 frames: int = 20, shards: list[str] | None = None) -> tuple[str, dict]:  # fmt: skip
+    """The report's HTML for output folder ``out``, and what it lists (keys per section).
+
+    ``shards``: the source shards to show the photos from (expanded as ``--shards`` is); the
+    folder's own records never name what is read."""
     out = Path(out)
     files = parquet_files(out)
     listing = _listing(files)
@@ -292,7 +304,7 @@ def build_report(out: str | Path, worst: int = 12, best: int = 12, thumb: int = 
     for r in chosen:
         r["painting"] = _paint(r["strokes"], r["background"], thumb)
     big = max(thumb, 256)  # the timelapse's size; table thumbnails are scaled down from it
-    photos = _photos(files, shown, big)
+    photos = _photos(files, shown, big, shards)
     missing = sum(1 for r in chosen if not hasattr(photos.get((r["file"], r["key"])), "save"))
 
     total, psnrs = len(listing), ok["psnr"].to_numpy(zero_copy_only=False)
@@ -310,8 +322,12 @@ def build_report(out: str | Path, worst: int = 12, best: int = 12, thumb: int = 
              + "</div>",
              "<div class=charts><div><h2>PSNR</h2>" + _histogram_svg(psnrs) + "</div><div><h2>Throughput</h2>"
              + _throughput_svg(stats) + "</div></div>"]  # fmt: skip
-    if missing:
-        parts.append(f"<p class=note>{missing} photo(s) could not be read back from their source shards "
+    if missing and not shards:
+        parts.append("<p class=note>Paintings only: the photos are read from the source shards given with "
+                     "<code>--shards</code>, never from a source the output names (hover over a grey box for the "
+                     "recorded source).</p>")  # fmt: skip
+    elif missing:
+        parts.append(f"<p class=note>{missing} photo(s) are not in the shards given with --shards "
                      "(hover over a grey box for the reason); the paintings are complete.</p>")  # fmt: skip
     for title, rows in sections:
         parts.append(_rows_table(title, rows, photos, thumb, files))
@@ -324,7 +340,7 @@ def build_report(out: str | Path, worst: int = 12, best: int = 12, thumb: int = 
 
 
 def _failures(failures: list[dict], total: int, stats: list[dict], files: list[str]) -> str:
-    shard_errors = [(s.get("shard_id", "?"), e) for s in stats for e in s.get("errors", [])]
+    shard_errors = [(str(s.get("shard_id", "?")), redact(e)) for s in stats for e in s.get("errors", [])]
     if not failures and not shard_errors:
         return "<h2>Failures</h2><p class=note>none: every sample of every shard was painted.</p>"
     rows = "".join(f"<tr><td>{html.escape(r['key'])}</td><td>{html.escape(r['status'])}</td>"

@@ -13,11 +13,13 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import encoder
 
 from . import storage
 from .config import PipelineConfig, load_pipeline_config
+from .redact import redact
 from .shards import Shard, make_shards, missing_local
 from .sources import check_url, local_path
 from .writer import FORMAT_VERSION
@@ -91,6 +93,12 @@ def check_ray_address(address: str, timeout: float) -> None:
 
 
 def _check_output(output: str) -> str:
+    if "@" in urlsplit(output).netloc and "://" in output:
+        # The output's name is written into the summary and the log: a key in it would be published
+        # with the dataset. Stores take their credentials from the environment.
+        raise ValueError(f"--output {redact(output)}: credentials in the output URI are refused (they would be "
+                         "written into the summary and the log); give them in the environment instead "
+                         "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE, GOOGLE_APPLICATION_CREDENTIALS)")
     if storage.is_fs_uri(output):
         # An object store (s3://bucket/prefix) or another filesystem: a prefix needs no creating,
         # but its bucket must exist (mkdir checks it, one request).
@@ -98,7 +106,7 @@ def _check_output(output: str) -> str:
         try:
             out.mkdir(parents=True, exist_ok=True)
         except (OSError, ValueError) as exc:
-            raise ValueError(f"cannot use the output {output}: {exc}") from None
+            raise ValueError(f"cannot use the output {redact(output)}: {redact(exc)}") from None
         return str(out)
     out = storage.location(output).resolve()
     if out.exists() and not out.is_dir():

@@ -26,9 +26,17 @@ import tempfile
 from dataclasses import dataclass
 from typing import BinaryIO, Callable
 
+from .redact import redact
+
 
 class ShardReadError(RuntimeError):
-    """The shard's source failed: unreachable, stalled, cut short, corrupt or in an unsupported format."""
+    """The shard's source failed: unreachable, stalled, cut short, corrupt or in an unsupported format.
+
+    Its message names the source with every credential masked (``redact``): it is logged and stored.
+    """
+
+    def __init__(self, message) -> None:
+        super().__init__(redact(message))
 
 
 @dataclass(frozen=True)
@@ -211,7 +219,7 @@ def _opener(url: str) -> Callable[[str, Timeouts], BinaryIO] | None:
 def check_url(url: str) -> None:
     """Raise ValueError for a url no opener handles (checked before a run starts)."""
     if _opener(url) is None:
-        raise ValueError(f"unsupported shard source {url!r}: no opener or filesystem for {scheme(url)}:// "
+        raise ValueError(f"unsupported shard source {redact(url)!r}: no opener or filesystem for {scheme(url)}:// "
                          f"(supported: local paths, file:, http://, https://, pipe:, s3://, gs://, "
                          f"fsspec URIs)")  # fmt: skip
 

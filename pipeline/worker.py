@@ -29,6 +29,7 @@ import encoder  # the public API only (encoder.fit_batch is looked up per call)
 from .config import PipelineConfig
 from .reader import ShardReader
 from .records import FitResult, Record, Row, Status, Tally, is_out_of_memory
+from .redact import redact
 from .sources import ShardReadError
 from .writer import FORMAT_VERSION, ShardWriter, encoder_metadata
 
@@ -242,7 +243,7 @@ class _Attempt:
         complete = self.source_error is None
         return {
             "shard_id": self.shard_id,
-            "source": self.url,
+            "source": redact(self.url),
             "format_version": FORMAT_VERSION,
             # False: the source failed part-way; the rows are those read before the error, the
             # shard is not done, and the next attempt or run replaces both files.
@@ -256,7 +257,7 @@ class _Attempt:
             "images_per_second": round(tally.images / seconds, 3) if seconds > 0 else None,
             "fit_images_per_second": round(tally.ok / self.fit_seconds, 3) if self.fit_seconds > 0 else None,
             "mean_psnr": round(tally.mean_psnr, 4) if tally.ok else None,
-            "errors": [] if complete else [str(self.source_error)],
+            "errors": [] if complete else [redact(self.source_error)],
             "truncated": not complete,
             "sample_errors": self.sample_errors,
             "tar_members": self.reader.files,
@@ -411,7 +412,7 @@ class ShardEncoder:
     def _file_metadata(self, url: str) -> dict[str, str]:
         return {
             **encoder_metadata(self.fit_config),
-            "source": url,
+            "source": redact(url),  # never a credential: the file is made to be shared
             "device": self.device,
             "created_by": "painterbot pipeline",
         }

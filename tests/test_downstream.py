@@ -3,6 +3,7 @@ the gallery. CPU only and small; the run is a real one (img2dataset-layout shard
 and writer), with a tiny fit."""
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -279,7 +280,8 @@ def _pairs(page: str) -> dict[str, list[str]]:
 
 
 def test_gallery_lists_every_row_with_photo_and_painting(real_run):
-    page, listed = build_report(real_run["out"], worst=2, best=2, thumb=32, frames=4)
+    shards = [str(real_run["tmp"] / "in" / "00000.tar"), str(real_run["tmp"] / "in" / "00001.tar")]
+    page, listed = build_report(real_run["out"], worst=2, best=2, thumb=32, frames=4, shards=shards)
     pairs = _pairs(page)
     keys = [k for rows in listed.values() for k in rows]
     assert len(keys) == 4 and set(keys) <= set(pairs)
@@ -288,19 +290,21 @@ def test_gallery_lists_every_row_with_photo_and_painting(real_run):
     assert "decode_error" in page  # the failed row, with its message
 
 
-def test_gallery_says_when_the_photos_are_gone(real_run, tmp_path):
-    out = tmp_path / "out"
-    shutil.copytree(real_run["out"], out)
-    moved = real_run["tmp"] / "in_moved"
-    shutil.copytree(real_run["tmp"] / "in", moved)
-    shutil.rmtree(real_run["tmp"] / "in")
-    try:
-        page, listed = build_report(out, thumb=32, frames=2)
-    finally:
-        shutil.move(str(moved), str(real_run["tmp"] / "in"))
+def test_gallery_without_shards_shows_paintings_and_reads_no_recorded_source(real_run, tmp_path):
+    """The folder names its sources, and they are still there: without --shards none is opened."""
+    page, _ = build_report(real_run["out"], thumb=32, frames=2)
     pairs = _pairs(page)
     assert len(pairs) == real_run["ok"] and all(len(v) == 1 for v in pairs.values())  # paintings only
-    assert "could not be read back" in page and os.fspath(real_run["tmp"] / "in") in page
+    assert "give the source shards with --shards" in page
+    assert html.escape(os.fspath(real_run["tmp"] / "in" / "00000.tar")) in page  # the recorded source, as text
+
+
+def test_gallery_says_when_the_given_shards_lack_the_photos(real_run, tmp_path):
+    page, _ = build_report(real_run["out"], thumb=32, frames=2, shards=[str(real_run["tmp"] / "in" / "00001.tar"),
+                                                                       str(tmp_path / "gone.tar")])
+    pairs = _pairs(page)
+    assert sorted(len(v) for v in pairs.values()).count(2) == 3  # 00001's three ok rows have their photo
+    assert "not in the shards given with --shards" in page and "gone.tar unreadable" in page
 
 
 def test_gallery_command_writes_the_report(real_run, tmp_path, capsys):
