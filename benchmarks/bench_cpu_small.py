@@ -3,7 +3,7 @@
     python benchmarks/bench_cpu_small.py [--images astronaut coffee] [--threads 2]
 
 Both run the dense reference renderer through the same fit loop; the seed
-algorithm is the seed preset (encoder/presets/seed.yaml) (300 steps per group at full resolution, the
+algorithm is the seed preset (configs/seed.yaml) (300 steps per group at full resolution, the
 mean-over-prefixes L1, softmax placement, black background).
 """
 from __future__ import annotations

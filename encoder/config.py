@@ -2,9 +2,10 @@
 
 A preset is one YAML document with an ``encoder:`` section (read here) and a
 ``pipeline:`` section (read by the pipeline through ``read_preset``). The
-presets ship inside this package (``encoder/presets/*.yaml``), so an installed
-copy finds them as a checkout does; ``read_preset`` is the one place YAML is
-parsed, for a preset name (``cpu_small``) or a path alike.
+presets live in ``configs/`` at the top of the checkout, where a user looks for
+the settings to edit; a wheel installs that folder as ``encoder/presets`` (see
+pyproject.toml), so an installed copy finds them by name too. ``read_preset`` is
+the one place YAML is parsed, for a preset name (``cpu_small``) or a path alike.
 """
 from __future__ import annotations
 
@@ -16,7 +17,14 @@ from pathlib import Path
 
 import yaml
 
-PRESET_DIR = Path(__file__).resolve().parent / "presets"
+def _preset_dir() -> Path:
+    """An installed copy's ``encoder/presets``, else the checkout's ``configs/``."""
+    here = Path(__file__).resolve().parent
+    installed = here / "presets"
+    return installed if installed.is_dir() else here.parent / "configs"
+
+
+PRESET_DIR = _preset_dir()
 DEFAULT_PRESET = "default"
 
 
@@ -134,7 +142,7 @@ def _type_name(hint) -> str:
 @dataclass
 class FitConfig:
     """Every knob of the fit. The defaults are the first tuned 1000-strokes-at-512 schedule, with no
-    joint refinement (opt-in, so small configs stay small); encoder/presets/default.yaml is the current default."""
+    joint refinement (opt-in, so small configs stay small); configs/default.yaml is the current default."""
 
     strokes: int = 1000          # strokes per image
     size: int = 512              # side of the square target (short side resized, centre-cropped)
