@@ -123,8 +123,10 @@ def _meta(data: bytes | None) -> dict | None:
         return None
     try:
         meta = json.loads(data)
-    except ValueError:
-        return None  # metadata is a nicety; a broken .json does not fail the image
+    except (ValueError, RecursionError):
+        # Metadata is a nicety: a broken .json, or one nested deeper than the parser's stack (a
+        # forged sample), does not fail the image, let alone the shard.
+        return None
     return meta if isinstance(meta, dict) else None
 
 
@@ -264,14 +266,23 @@ class ShardReader:
         self.compression: str | None = None
 
     # -- raw members and samples ------------------------------------------------------
-    def _members(self, tar: tarfile.TarFile) -> Iterator[tuple[str, bytes | None, str | None]]:
-        """(name, data, None), or (name, None, why) for a member over ``max_member_bytes`` (never read)."""
+    def _members(self, tar: tarfile.TarFile) -> Iterator[tuple[str, bytes | None, tuple | None]]:
+        """(name, data, None), or (name, None, (status, why)) for a member over ``max_member_bytes`` or a
+        link (never read)."""
         for member in tar:
             self.files += 1
+            if member.issym() or member.islnk():
+                # A link's data is elsewhere (outside the tar, or an earlier member a stream cannot
+                # go back to): never followed, but its sample gets a row that says so.
+                kind = "symbolic link" if member.issym() else "hard link"
+                yield member.name, None, (Status.LINK_MEMBER, f"member {member.name} is a {kind} to "
+                                                              f"{member.linkname!r}: links are not followed")
+                continue
             if not member.isfile():
-                continue  # folders, links: no sample data
+                continue  # folders, devices: no sample data
             if member.size > self.max_member_bytes:
-                yield member.name, None, f"member {member.name} is {member.size} bytes > max_member_bytes {self.max_member_bytes}"
+                yield member.name, None, (Status.TOO_LARGE, f"member {member.name} is {member.size} bytes > "
+                                                             f"max_member_bytes {self.max_member_bytes}")
                 continue  # tarfile skips its data on the next step, in bounded chunks
             yield member.name, tar.extractfile(member).read(), None
 
@@ -280,7 +291,7 @@ class ShardReader:
 
         A sample whose key an earlier sample had (non-adjacent members, or a
         member repeated) gets ``'__status__'`` DUPLICATE_KEY; one with an
-        oversized member gets TOO_LARGE. Raises ShardReadError, after the
+        oversized member gets TOO_LARGE, one with a link member LINK_MEMBER. Raises ShardReadError, after the
         samples read whole, if the source or the container is damaged.
         """
         seen: dict[str, int] = {}
@@ -292,7 +303,7 @@ class ShardReader:
                 tail = _TarTail(stream)
                 try:
                     tar = _open_tar(tail, self.compression)
-                    for name, data, too_big in self._members(tar):
+                    for name, data, refused in self._members(tar):
                         key, ext = _split(name)
                         if key is None:
                             continue  # a file without an extension belongs to no sample
@@ -300,8 +311,8 @@ class ShardReader:
                             if current is not None:
                                 yield current
                             current = _start_sample(key, seen)
-                        if too_big:
-                            current["__status__"] = (Status.TOO_LARGE, too_big)
+                        if refused:
+                            current["__status__"] = refused
                         else:
                             current[ext] = data
                     tail.check_end(tar.offset)

@@ -24,6 +24,7 @@ class Status(str, Enum):
     TOO_LARGE = "too_large"  # pixel count over max_image_pixels, or a member over max_member_bytes
     TOO_SMALL = "too_small"  # short side under min_image_side
     DUPLICATE_KEY = "duplicate_key"  # the key already named an earlier sample of the shard (that one is kept)
+    LINK_MEMBER = "link_member"  # a member is a symbolic or hard link: never followed
     FIT_ERROR = "fit_error"  # fit_batch raised on this image alone
     FIT_FAILED = "fit_failed"  # the fit diverged or returned non-finite values
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import uuid
 from pathlib import Path
 
@@ -113,6 +114,9 @@ def _typed(value, kind: pa.DataType):
     return value
 
 
+_INT32_MAX = 2**31 - 1
+
+
 def _meta_columns(meta: dict | None, typed: dict[str, pa.DataType]) -> dict:
     """img2dataset's .json -> original_width, original_height, sha256, the ``typed`` columns and ``extra``.
 
@@ -123,12 +127,22 @@ def _meta_columns(meta: dict | None, typed: dict[str, pa.DataType]) -> dict:
     kept = {name: _typed(meta.get(name), kind) for name, kind in typed.items()}
 
     def integer(name):
+        # int32 columns: NaN, infinities, fractions, negatives and values past 2**31 - 1 are null there
+        # (and kept in extra below) instead of failing the whole shard's table.
         value = meta.get(name)
-        return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None
+        if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+            return None
+        return int(value) if 0 <= value <= _INT32_MAX else None
 
-    rest = {k: v for k, v in meta.items() if k not in _JSON_AS_COLUMNS and kept.get(k) is None}
+    sizes = {name: integer(name) for name in ("original_width", "original_height")}
+    unfit = {name for name, value in sizes.items() if value is None and meta.get(name) is not None}
+    if meta.get("sha256") is not None and not isinstance(meta.get("sha256"), str):
+        unfit.add("sha256")
+    rest = {k: v for k, v in meta.items() if (k not in _JSON_AS_COLUMNS or k in unfit) and kept.get(k) is None}
     sha = meta.get("sha256")
-    return {**kept, "original_width": integer("original_width"), "original_height": integer("original_height"),
+    return {**kept, **sizes,
             "sha256": sha if isinstance(sha, str) else None,
             "extra": json.dumps(rest, sort_keys=True, default=str) if rest else None}  # fmt: skip
 

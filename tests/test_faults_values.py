@@ -1,0 +1,63 @@
+"""One bad value costs one row, never a shard (issue #25, A1-A2): a real encode of a shard holding
+forged samples next to good ones; every key of the tar gets a row with a status, links included."""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import pyarrow.parquet as pq
+
+from pipeline.driver import RunOptions, run
+from pipeline_samples import good_samples, tiny_config
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE, link: str = "") -> None:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, link
+    info.size = len(data) if kind == tarfile.REGTYPE else 0
+    tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+
+
+def test_bad_values_and_links_cost_one_row_each(tmp_path):
+    good = good_samples(2, size=40)
+    jpeg = good[0]["files"]["jpg"]
+    sizes = {"nan": b'{"original_width": NaN, "original_height": 300}',
+             "inf": b'{"original_width": 1e400, "original_height": 300}',
+             "huge": b'{"original_width": %d, "original_height": 300}' % 10**30,
+             "int32": b'{"original_width": 3000000000, "original_height": -5}',
+             "frac": b'{"original_width": 640.5, "original_height": 480, "sha256": 7}'}
+    (tmp_path / "in").mkdir()
+    with tarfile.open(tmp_path / "in" / "00000.tar", "w") as tar:
+        _add(tar, "good0000.jpg", jpeg)
+        _add(tar, "good0000.txt", b"a caption")
+        _add(tar, "deep.jpg", jpeg)
+        _add(tar, "deep.json", b"[" * 10_000 + b"]" * 10_000)  # past the JSON parser's recursion limit
+        _add(tar, "deepobj.jpg", jpeg)
+        _add(tar, "deepobj.json", b'{"a": ' * 10_000 + b"1" + b"}" * 10_000)
+        for key, meta in sizes.items():
+            _add(tar, f"{key}.jpg", jpeg)
+            _add(tar, f"{key}.json", meta)
+        _add(tar, "symlinked.jpg", kind=tarfile.SYMTYPE, link="/etc/passwd")  # its only member
+        _add(tar, "hardlinked.jpg", kind=tarfile.LNKTYPE, link="good0000.jpg")
+        _add(tar, "hardlinked.txt", b"its caption")
+        _add(tar, "good0001.jpg", good[1]["files"]["jpg"])
+    out = tmp_path / "out"
+    options = RunOptions(shards=[str(tmp_path / "in" / "00000.tar")], output=str(out),
+                         config=str(tiny_config(tmp_path / "tiny.yaml")), device="cpu", use_ray=False, progress=False)
+    assert run(options) == 0
+    rows = {r["key"]: r for r in pq.read_table(out / "00000.parquet").to_pylist()}
+    stats = json.loads((out / "__painterbot__" / "00000_stats.json").read_text())
+    assert stats["complete"] and stats["total"] == len(rows) == 11
+    for key in ("good0000", "good0001", "deep", "deepobj", *sizes):
+        assert rows[key]["status"] == "ok", (key, rows[key]["error_message"])
+    for key in sizes:
+        extra = json.loads(rows[key]["extra"].replace("NaN", "null").replace("Infinity", "null"))
+        assert rows[key]["original_width"] is None and "original_width" in extra, key  # null there, kept in extra
+    assert rows["nan"]["original_height"] == 300 and rows["int32"]["original_height"] is None
+    assert rows["frac"]["original_height"] == 480 and rows["frac"]["sha256"] is None
+    assert json.loads(rows["frac"]["extra"])["sha256"] == 7
+    assert rows["deep"]["extra"] is None  # the unparsable .json is dropped, the image kept
+    for key, kind in (("symlinked", "symbolic link"), ("hardlinked", "hard link")):
+        assert rows[key]["status"] == "link_member" and kind in rows[key]["error_message"], rows[key]
+    assert rows["hardlinked"]["caption"] == "its caption"
