@@ -56,9 +56,21 @@ def parquet_files(source: str | Path | list) -> list[str]:
     return sorted(f for f in found if not os.path.basename(f).startswith("."))
 
 
+REQUIRED_COLUMNS = ("key", "status", "strokes")
+
+
 def open_file(path: str | Path) -> pq.ParquetFile:
-    """Open an output file, refusing one written by a newer PainterBot than this one."""
-    handle = pq.ParquetFile(storage.open_input_file(path))
+    """Open an output file; ValueError naming the file for one that is damaged, is not PainterBot's
+    (a Parquet file of another tool in the folder) or was written by a newer PainterBot."""
+    try:
+        handle = pq.ParquetFile(storage.open_input_file(path))
+    except (pa.ArrowException, OSError) as exc:
+        raise ValueError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {exc}); "
+                         "move it out of the folder, or point the loader at the PainterBot files") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in handle.schema_arrow.names]
+    if missing:
+        raise ValueError(f"{path}: not a PainterBot output file (no {', '.join(missing)} column); move it out of "
+                         "the folder, or point the loader at the PainterBot files") from None
     meta = handle.schema_arrow.metadata or {}
     version = meta.get(b"painterbot.format_version", b"1").decode()
     if version not in KNOWN_FORMATS:

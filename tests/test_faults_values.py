@@ -61,3 +61,29 @@ def test_bad_values_and_links_cost_one_row_each(tmp_path):
     for key, kind in (("symlinked", "symbolic link"), ("hardlinked", "hard link")):
         assert rows[key]["status"] == "link_member" and kind in rows[key]["error_message"], rows[key]
     assert rows["hardlinked"]["caption"] == "its caption"
+
+
+def test_loaders_name_a_foreign_or_damaged_file_in_the_folder(tmp_path):
+    """issue #25, 15: a Parquet file of another tool, or a damaged one, is named in one clear error."""
+    import pyarrow as pa
+    import pytest
+
+    from pipeline.dataset import StrokeDataset
+    from pipeline.stream import StrokeStream
+    from pipeline_samples import write_tar
+
+    (tmp_path / "in").mkdir()
+    write_tar(tmp_path / "in" / "00000.tar", good_samples(1, size=40))
+    out = tmp_path / "out"
+    options = RunOptions(shards=[str(tmp_path / "in" / "00000.tar")], output=str(out),
+                         config=str(tiny_config(tmp_path / "tiny.yaml")), device="cpu", use_ray=False, progress=False)
+    assert run(options) == 0
+    assert len(StrokeDataset(str(out))) == 1
+    pq.write_table(pa.table({"id": [1, 2]}), out / "foreign.parquet")
+    for load in (lambda: StrokeDataset(str(out)), lambda: list(StrokeStream(str(out)))):
+        with pytest.raises(ValueError, match=r"foreign\.parquet: not a PainterBot output file \(no key, status"):
+            load()
+    (out / "foreign.parquet").write_bytes((out / "00000.parquet").read_bytes()[:300])  # cut short
+    for load in (lambda: StrokeDataset(str(out)), lambda: list(StrokeStream(str(out)))):
+        with pytest.raises(ValueError, match=r"foreign\.parquet: not a readable Parquet file"):
+            load()
