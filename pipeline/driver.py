@@ -150,8 +150,20 @@ class RayBackend:
             port = _free_port(cfg.dashboard_host, cfg.dashboard_port) if cfg.include_dashboard else cfg.dashboard_port
             if port != cfg.dashboard_port:
                 _log(f"dashboard port {cfg.dashboard_port} is taken (another run?): using {port}")
+            # Loopback only: a Ray cluster executes whatever code reaches it. Every listener of a
+            # Ray node (GCS, raylet, object manager, workers, agents, metrics) binds to all
+            # interfaces unless the node's IP is a loopback one, and Ray turns "127.0.0.1" into
+            # the machine's network IP while it "supports clusters" (Linux). That switch is
+            # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER, read once when ray is imported: set it for the
+            # processes ray.init starts, and for this one (ray may already be imported).
+            # A run with --address (below) keeps the cluster's own `ray start` settings.
+            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+            from ray._private import ray_constants
+
+            ray_constants.ENABLE_RAY_CLUSTER = False
             context = ray.init(
                 address="local",
+                _node_ip_address="127.0.0.1",
                 num_cpus=cfg.num_cpus,
                 object_store_memory=cfg.object_store_memory,
                 include_dashboard=cfg.include_dashboard,
@@ -165,6 +177,14 @@ class RayBackend:
             # connected when preflight asked the cluster for its GPUs ('auto' device).
             context = ray.init(address=address, logging_level="warning", ignore_reinit_error=True)
         try:
+            if self.started_here:
+                # Fail closed should a Ray release resolve the node IP differently: a node on a
+                # network IP listens on every interface (tests/test_local_ray_binds_loopback.py).
+                import ipaddress
+
+                node_ip = context.address_info.get("node_ip_address") or ""
+                if not ipaddress.ip_address(node_ip.strip("[]")).is_loopback:
+                    raise RuntimeError(f"the local Ray came up on {node_ip}, not loopback: refusing to run")
             self.dashboard_url = getattr(context, "dashboard_url", None) or None
             self._start_actors(cfg, encoder_config, device, slots)
         except BaseException:
