@@ -61,6 +61,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.demo and not args.shards:
         p.error("--shards is required (or use --demo)")
+    # Flags that cannot both hold are refused, never one of them silently dropped.
+    conflicts = [
+        (args.demo and args.shards, "--demo builds and encodes its own shards: drop --shards, or --demo"),
+        (args.no_ray and args.address, "--no-ray runs without Ray: it cannot join --address"),
+        (args.no_ray and args.num_cpus is not None, "--num-cpus sizes the local Ray: it means nothing with --no-ray"),
+        (args.address and args.num_cpus is not None, "--num-cpus sizes a local Ray: a cluster joined with --address "
+                                                     "has its own CPUs"),
+        (args.output is not None and not args.output.strip(), "--output is empty: name a folder or a URI"),
+    ]
+    for hit, message in conflicts:
+        if hit:
+            p.error(message)
     return args
 
 

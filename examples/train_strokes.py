@@ -205,7 +205,10 @@ def main() -> int:
             schedule.step()
             step += 1
             if step % 25 == 0 or step == 1:
-                print(f"step {step:5d}  epoch {epoch}  loss {loss.item():.3f}  {time.time() - started:.0f} s", flush=True)
+                # An epoch is one pass over every painting: on the demo's 8 that is a single batch,
+                # so there it advances with every step.
+                print(f"step {step:5d}  epoch {epoch} (of {len(stream)} paintings, batch {args.batch})  "
+                      f"loss {loss.item():.3f}  {time.time() - started:.0f} s", flush=True)
             if step >= args.steps:
                 break
         epoch += 1
