@@ -17,11 +17,15 @@ from pathlib import Path
 
 import yaml
 
+from .strokes import FIELDS
+
+
 def _preset_dir() -> Path:
     """An installed copy's ``encoder/presets``, else the checkout's ``configs/``."""
     here = Path(__file__).resolve().parent
     installed = here / "presets"
-    return installed if installed.is_dir() else here.parent / "configs"
+    # A leftover folder (a __pycache__ of the old layout) is not the presets: look for a preset.
+    return installed if (installed / "default.yaml").is_file() else here.parent / "configs"
 
 
 PRESET_DIR = _preset_dir()
@@ -141,53 +145,44 @@ def _type_name(hint) -> str:
 
 @dataclass
 class FitConfig:
-    """Every knob of the fit. The defaults are the first tuned 1000-strokes-at-512 schedule, with no
-    joint refinement (opt-in, so small configs stay small); configs/default.yaml is the current default."""
+    """Every knob of the fit. The defaults are the default preset's (configs/default.yaml, a test keeps
+    them equal), so ``FitConfig()`` and ``load_config()`` fit alike."""
 
     strokes: int = 1000          # strokes per image
     size: int = 512              # side of the square target (short side resized, centre-cropped)
     group_size: int = 100        # strokes optimised together, then frozen
-    steps: int = 200             # optimiser steps per group
+    steps: int = 125             # optimiser steps per group
     # Progressive resolution: [scale, share of groups] pairs, coarse first. The
     # groups of each stage are fitted on the target area-averaged to scale * size.
     # An optional third number is that stage's steps per group (default: steps).
-    stages: list = field(default_factory=lambda: [[0.25, 0.2], [0.5, 0.3], [1.0, 0.5]])
+    stages: list = field(default_factory=lambda: [[0.25, 0.3], [0.5, 0.4], [1.0, 0.3, 75]])
     loss: str = "l2"             # l2 | l1 | prefix_l1 (the seed's mean-over-prefixes L1)
-    lr: float = 0.005
+    lr: float = 0.01
     betas: tuple = (0.8, 0.9)
-    lr_decay: float = 0.0        # each group's lr falls linearly to (1 - lr_decay) * lr over its steps
-    lr_scale: dict = field(default_factory=dict)  # per-field lr multipliers, e.g. {alpha: 2.0}
+    # per-field lr multipliers, e.g. {alpha: 2.0}
+    lr_scale: dict = field(default_factory=lambda: {"cx": 0.3, "cy": 0.3, "alpha": 2.0})
     # Initial values of new strokes; position and colour come from the error map.
     init_mu_r: float = 0.1
     init_sigma_r: float = 0.1
     init_sigma_t: float = 0.1
     init_alpha: float = 0.01
-    # A stage fitted at scale s of the full size starts its strokes at init_mu_r * s ** -init_size_power
-    # (0: one size for every stage; 1: the same size in the stage's pixels).
-    init_size_power: float = 0.0
     # Joint refinement after the groups: [scale, steps] pairs, run in order, each
     # optimising all strokes (and the background) together at scale * size. Frozen
     # groups cannot correct each other; a joint pass can. An image keeps its
     # refined painting only where that lowers its full-size error. Empty: no refinement.
-    refine: list = field(default_factory=list)
-    refine_lr: float = 0.001
-    refine_lr_scale: dict = field(default_factory=dict)  # per-field multipliers of refine_lr
+    refine: list = field(default_factory=lambda: [[0.5, 200], [1.0, 100]])
+    refine_lr: float = 0.003
+    # per-field multipliers of refine_lr
+    refine_lr_scale: dict = field(default_factory=lambda: {"cx": 0.5, "cy": 0.5, "r": 2.0, "g": 2.0, "b": 2.0,
+                                                           "alpha": 3.0})
     refine_betas: tuple = (0.8, 0.9)
-    refine_lr_decay: float = 0.0  # as lr_decay, over each refinement stage
-    # Joint refinement steps at the end of every stage but the last, at that stage's resolution.
-    stage_refine: int = 0
+    refine_lr_decay: float = 0.9  # the lr falls linearly to (1 - refine_lr_decay) * refine_lr over each stage
     refine_replace: bool = True   # re-place the strokes of rejected groups where the error is, before refining
-    # Before each joint stage, strokes fainter than this alpha are moved on top and re-placed where the
-    # error is, as new strokes (0: never). A faint stroke holds a slot and paints almost nothing.
-    refine_replace_alpha: float = 0.0
-    # The same for strokes that cover fewer than this many pixels of the full-size image (alpha times
-    # the transmittance above, summed): faint, tiny or hidden ones (0: never).
-    refine_replace_coverage: float = 0.0
     # The opacity below which the renderer of a gradient step skips a stroke on a tile (Triton backend).
     # Culling changes a pixel by at most the sum of the skipped strokes' opacities there, each below
     # this. Every commit and reported PSNR is rendered at the exact threshold (triton_render.CULL_OPACITY,
     # 1e-7), so a coarser value here trades gradient tails for shorter tile lists, never a false PSNR.
-    step_cull_opacity: float = 1e-7
+    step_cull_opacity: float = 0.002
     placement: str = "power"      # power: p ~ error ** placement_power; softmax: p ~ exp(error) (the seed's)
     placement_power: float = 2.0
     background: str = "mean"      # initial background: mean colour of the target, or black (the seed's)
@@ -226,16 +221,13 @@ class FitConfig:
         for name in ("lr_scale", "refine_lr_scale"):
             if not all(isinstance(k, str) and _is_number(v) and v >= 0 for k, v in getattr(self, name).items()):
                 raise ValueError(f"encoder.{name} must map field names to numbers >= 0, got {getattr(self, name)}")
-        if not 0 <= self.refine_replace_alpha < 1:
-            raise ValueError(f"encoder.refine_replace_alpha must be in [0, 1), got {self.refine_replace_alpha}")
-        if self.refine_replace_coverage < 0 or self.init_size_power < 0:
-            raise ValueError("encoder.refine_replace_coverage and init_size_power must be >= 0")
+            unknown = sorted(set(getattr(self, name)) - set(FIELDS))
+            if unknown:
+                raise ValueError(f"encoder.{name} names unknown fields {unknown}; fields are {', '.join(FIELDS)}")
         if not 0 < self.step_cull_opacity < 1:
             raise ValueError(f"encoder.step_cull_opacity must be in (0, 1), got {self.step_cull_opacity}")
-        if self.stage_refine < 0:
-            raise ValueError(f"encoder.stage_refine must be >= 0, got {self.stage_refine}")
-        if not (0 <= self.lr_decay <= 1 and 0 <= self.refine_lr_decay <= 1):
-            raise ValueError("encoder.lr_decay and refine_lr_decay must be in [0, 1]")
+        if not 0 <= self.refine_lr_decay <= 1:
+            raise ValueError(f"encoder.refine_lr_decay must be in [0, 1], got {self.refine_lr_decay}")
         if len(self.refine_betas) != 2 or not all(0 <= b < 1 for b in self.refine_betas):
             raise ValueError(f"encoder.refine_betas must be two values in [0, 1), got {self.refine_betas}")
         self.betas = tuple(self.betas)
@@ -245,12 +237,24 @@ class FitConfig:
     def groups(self) -> int:
         return -(-self.strokes // self.group_size)
 
-    def group_resolutions(self) -> list[int]:
-        """Resolution at which each group is fitted, coarse to fine; the last is ``size``."""
-        out: list[int] = []
-        for stage, count in zip(self.stages, self._stage_counts()):
-            out += [max(8, round(stage[0] * self.size))] * count
-        return out
+    def resolution(self, scale: float, size: int | None = None) -> int:
+        """Side of a stage fitted at ``scale`` of ``size`` pixels (default: the config's), 8 to ``size``:
+        the one rule for groups and joint passes alike."""
+        size = self.size if size is None else size
+        return min(size, max(8, round(scale * size)))
+
+    def group_schedule(self, size: int | None = None) -> list[tuple[int, int, int]]:
+        """(strokes, resolution, steps) of each group, coarse to fine: its stage's scale of ``size``
+        (default: the config's) and its stage's steps (default: ``steps``). The last group may be smaller."""
+        full, rest = divmod(self.strokes, self.group_size)
+        sizes = [self.group_size] * full + ([rest] if rest else [])
+        stages = [(self.resolution(scale, size), int(steps[0]) if steps else self.steps)
+                  for (scale, _share, *steps), count in zip(self.stages, self._stage_counts()) for _ in range(count)]
+        return [(n, res, steps) for n, (res, steps) in zip(sizes, stages)]
+
+    def joint_schedule(self, size: int | None = None) -> list[tuple[int, int]]:
+        """(resolution, steps) of each stage of the joint refinement that has steps."""
+        return [(self.resolution(scale, size), int(steps)) for scale, steps in self.refine if steps > 0]
 
     def _stage_counts(self) -> list[int]:
         """Groups in each stage, in proportion to the stages' shares."""
@@ -263,18 +267,6 @@ class FitConfig:
             counts[i] -= 1
             counts[-1] += 1
         return counts
-
-    def group_steps(self) -> list[int]:
-        """Optimiser steps for each group: its stage's third number, else ``steps``."""
-        out: list[int] = []
-        for (_scale, _share, *steps), count in zip(self.stages, self._stage_counts()):
-            out += [int(steps[0]) if steps else self.steps] * count
-        return out
-
-    def group_sizes(self) -> list[int]:
-        """Strokes in each group (the last may be smaller)."""
-        full, rest = divmod(self.strokes, self.group_size)
-        return [self.group_size] * full + ([rest] if rest else [])
 
 
 def load_config(preset: str | Path | None = None, **overrides) -> FitConfig:

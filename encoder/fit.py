@@ -1,11 +1,14 @@
-"""Fit a batch of images with strokes: groups, error-map placement, Adam, progressive resolution.
+"""Fit a batch of images with strokes: a schedule of phases, each kept per image only where it helps.
 
-Strokes come in groups. Each group is placed where the current painting is
-worst, optimised against the target (downsampled for the early, coarse
-groups), then frozen. After every group the painting is checked at full
-resolution; a group that would make an image worse is replaced by invisible
-strokes for that image, so the PSNR after each group never decreases and
-every prefix of groups is a finished painting.
+The schedule is planned once from the config (``plan_phases``): groups of
+strokes, coarse to fine, then an optional joint pass. A group is placed where
+the current painting is worst, optimised against the target (downsampled for
+the early, coarse groups), then frozen; a joint pass optimises every stroke
+together, since frozen groups cannot correct each other. After every phase
+the painting is checked at full resolution and each image keeps the phase's
+result only where it lowers the error (``commit``): a group that does not is
+replaced by invisible strokes for that image, so the PSNR after each group
+never decreases and every prefix of groups is a finished painting.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import torch
 from . import renderer
 from .config import FitConfig
 from .images import downsample, psnr
-from .steps import optimise_group
+from .steps import OptimiserSettings, optimise_group
 from .strokes import ALPHA, COLOR, CX, CY, LOWER, MU_R, NUM_FIELDS, RED, ROT, SIGMA_R, SIGMA_T, UPPER, bounds
 
 
@@ -33,8 +36,84 @@ class FitResult:
     psnr: torch.Tensor         # [B] at full resolution
     ok: torch.Tensor           # [B] bool: False where any group diverged (non-finite values)
     seconds: float             # wall time of the whole batch
-    group_psnr: torch.Tensor   # [B, groups] PSNR after each group (and stage_refine), before the final pass
+    group_psnr: torch.Tensor   # [B, groups] PSNR after each group, before the joint pass
     refined: torch.Tensor | None = None  # [B] bool: the image kept its jointly refined painting
+
+
+@dataclass(frozen=True)
+class GroupPhase:
+    """``strokes`` new strokes, placed where the painting is worst and optimised over it at ``resolution``."""
+
+    strokes: int
+    resolution: int
+    settings: OptimiserSettings
+    fit_background: bool  # the background colour is optimised along with the strokes (the first group)
+
+
+@dataclass(frozen=True)
+class JointPhase:
+    """Every stroke (and the background, with ``fit_background``) optimised together, stage by stage,
+    then kept or not as one: ``stages`` are (resolution, settings) pairs."""
+
+    stages: tuple[tuple[int, OptimiserSettings], ...]
+
+
+def plan_phases(config: FitConfig, size: int) -> list[GroupPhase | JointPhase]:
+    """The fit of ``size`` x ``size`` targets, in order: the groups, coarse to fine, then the joint pass, if any."""
+
+    def settings(steps, lr, lr_scale, betas, lr_decay):
+        return OptimiserSettings.of(steps, lr, lr_scale, betas, lr_decay, config.loss, config.step_cull_opacity)
+
+    groups = [GroupPhase(n, res, settings(steps, config.lr, config.lr_scale, config.betas, 0.0),
+                         fit_background=config.fit_background and g == 0)
+              for g, (n, res, steps) in enumerate(config.group_schedule(size))]
+    stages = tuple((res, settings(steps, config.refine_lr, config.refine_lr_scale, config.refine_betas,
+                                  config.refine_lr_decay))
+                   for res, steps in config.joint_schedule(size))
+    return groups + ([JointPhase(stages)] if stages else [])
+
+
+@dataclass
+class Painting:
+    """What each image of a batch has committed so far; canvas and error are at full size."""
+
+    strokes: torch.Tensor     # [B, n, 10]
+    rejected: torch.Tensor    # [B, n] bool: null strokes standing in for a group the image did not keep
+    background: torch.Tensor  # [B, 3]
+    canvas: torch.Tensor      # [B, 3, S, S]
+    error: torch.Tensor       # [B] mean squared error against the targets
+
+
+def commit(old: Painting, new: Painting) -> tuple[Painting, torch.Tensor]:
+    """Per image, ``new`` where its error is lower than ``old``'s (NaN never is), else ``old``; and
+    which images took ``new`` ``[B]``. The one rule that keeps or drops groups and joint passes."""
+    better = new.error < old.error
+
+    def pick(fresh: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        return torch.where(better.view(-1, *[1] * (fresh.dim() - 1)), fresh, kept)
+
+    fields = [f.name for f in dataclasses.fields(Painting)]
+    return Painting(*(pick(getattr(new, name), getattr(old, name)) for name in fields)), better
+
+
+@dataclass
+class _Batch:
+    """What every phase of one ``fit_batch`` call reads."""
+
+    targets: torch.Tensor             # [B, 3, S, S] on the fit's device
+    pyramid: dict[int, torch.Tensor]  # the targets area-averaged to each phase's resolution
+    config: FitConfig
+    backend: str
+    generators: list[torch.Generator]  # one per image: image i draws from seed + i, in any batch
+    lo: torch.Tensor                   # the strokes' valid ranges
+    hi: torch.Tensor
+
+    def error(self, canvas: torch.Tensor) -> torch.Tensor:
+        return (canvas - self.targets).square().mean(dim=(1, 2, 3))
+
+    def optimise(self, strokes, base, res: int, background, settings: OptimiserSettings) -> torch.Tensor | None:
+        return optimise_group(strokes, base, self.pyramid[res], background, settings, self.lo, self.hi, self.backend,
+                              self.config.cuda_graphs)
 
 
 def null_strokes(batch: int, n: int, device) -> torch.Tensor:
@@ -49,13 +128,10 @@ def null_strokes(batch: int, n: int, device) -> torch.Tensor:
 
 def place_strokes(
     target: torch.Tensor, canvas: torch.Tensor, n: int, config: FitConfig, generators: list[torch.Generator],
-    scale: float = 1.0,
 ) -> torch.Tensor:
     """Initial ``[B, n, 10]`` strokes at pixels sampled where the error is large.
 
-    The colour is the target's at that pixel; the shape comes from the config, its
-    size (``mu_r``: the others are relative to it) times ``scale ** -init_size_power``
-    for a stage fitted at ``scale`` of the full size.
+    The colour is the target's at that pixel; the shape comes from the config.
     """
     bsz, _, h, w = target.shape
     error = (target - canvas).abs().mean(dim=1).reshape(bsz, h * w)
@@ -71,21 +147,12 @@ def place_strokes(
     strokes[..., CY] = (rows.float() + 0.5) / h
     spin = torch.stack([torch.rand(n, device=target.device, generator=g) for g in generators])
     strokes[..., ROT] = (spin * 2 - 1) * math.pi
-    strokes[..., MU_R] = min(max(config.init_mu_r * scale ** -config.init_size_power, LOWER[MU_R]), UPPER[MU_R])
+    strokes[..., MU_R] = min(max(config.init_mu_r, LOWER[MU_R]), UPPER[MU_R])
     strokes[..., SIGMA_R] = config.init_sigma_r
     strokes[..., SIGMA_T] = config.init_sigma_t
     strokes[..., COLOR] = torch.gather(target.reshape(bsz, 3, h * w), 2, idx[:, None, :].expand(-1, 3, -1)).transpose(1, 2)
     strokes[..., ALPHA] = config.init_alpha
     return strokes
-
-
-def _field_lrs(lr: float, scale: dict, device) -> torch.Tensor:
-    from .strokes import FIELDS
-
-    unknown = set(scale) - set(FIELDS)
-    if unknown:
-        raise ValueError(f"lr scales name unknown fields {sorted(unknown)}; fields are {FIELDS}")
-    return torch.tensor([lr * scale.get(f, 1.0) for f in FIELDS], device=device)
 
 
 def replace_rejected(
@@ -102,96 +169,90 @@ def replace_rejected(
     return torch.where(rejected[..., None], fresh, strokes)
 
 
-def stroke_coverage(strokes: torch.Tensor, background: torch.Tensor, res: int, backend: str,
-                    canvas: torch.Tensor | None = None) -> torch.Tensor:
-    """How much of the painting each stroke makes, ``[B, N]``: the sum over the pixels of a
-    ``res`` x ``res`` canvas of its visible weight (opacity times the transmittance of the
-    strokes above it), in pixels of that canvas. A stroke that is faint, tiny or hidden
-    under others covers next to nothing: it holds a slot and paints nothing.
+def _flat(colour: torch.Tensor, res: int) -> torch.Tensor:
+    """``[B, 3]`` colours as ``[B, 3, res, res]`` canvases."""
+    return colour[:, :, None, None].expand(-1, -1, res, res).contiguous()
 
-    Read off one gradient: against a target 0.5 below the canvas everywhere, the l2
-    loss's derivative by a stroke's red is its visible weight summed, times a constant.
-    ``canvas``: the painting at ``res``, if the caller has it.
+
+def _with_group(painting: Painting, strokes: torch.Tensor, rejected: bool, background: torch.Tensor,
+                canvas: torch.Tensor, error: torch.Tensor) -> Painting:
+    """``painting``'s strokes followed by ``strokes`` (flagged ``rejected``), with the given rest."""
+    flags = torch.full(strokes.shape[:2], rejected, dtype=torch.bool, device=strokes.device)
+    return Painting(torch.cat([painting.strokes, strokes], 1), torch.cat([painting.rejected, flags], 1),
+                    background, canvas, error)
+
+
+def _fit_group(phase: GroupPhase, painting: Painting, canvas: torch.Tensor | None,
+               batch: _Batch) -> tuple[Painting, torch.Tensor | None, torch.Tensor]:
+    """Place, optimise and commit one group over ``canvas``, the painting at the group's resolution.
+
+    Returns the painting, its canvas at that resolution for the next group (None when it must be
+    repainted) and the group's full-size error ``[B]``, taken or not.
     """
-    base = background[:, :, None, None].expand(-1, -1, res, res).contiguous()
-    if canvas is None:
-        canvas = renderer.composite(strokes, base, backend)
-    _, _, grad, _ = renderer.loss_and_grad(strokes, base, canvas - 0.5, "l2", backend)
-    # loss = mean over 3 * res * res values of residual ** 2; its derivative by the canvas is 1 / (3 res^2)
-    return grad[..., RED] * (3 * res * res)
+    res, n, backend = phase.resolution, phase.strokes, batch.backend
+    if canvas is None or canvas.shape[-1] != res:
+        # Point-sampled strokes at the new resolution, not a resampled canvas.
+        canvas = renderer.composite(painting.strokes, _flat(painting.background, res), backend)
+    strokes = place_strokes(batch.pyramid[res], canvas, n, batch.config, batch.generators)
+    fitted = batch.optimise(strokes, canvas, res, painting.background if phase.fit_background else None,
+                            phase.settings)
+    background = fitted if phase.fit_background else painting.background
+    full_base = _flat(background, batch.targets.shape[-1]) if phase.fit_background else painting.canvas
+    full = renderer.composite(strokes, full_base, backend)
+    proposal = _with_group(painting, strokes, False, background, full, batch.error(full))
+    null = null_strokes(strokes.shape[0], n, strokes.device)
+    unchanged = _with_group(painting, null, True, painting.background, painting.canvas, painting.error)
+    painting, _ = commit(unchanged, proposal)
+    if phase.fit_background:
+        return painting, None, proposal.error  # the base changed under the group: repaint at the next one
+    # Null strokes leave the canvas of an image that did not keep the group as it was.
+    return painting, renderer.composite(painting.strokes[:, -n:], canvas, backend), proposal.error
 
 
-def replace_faint(
-    strokes: torch.Tensor, background: torch.Tensor, target: torch.Tensor, config: FitConfig,
-    generators: list[torch.Generator], backend: str, size: int,
-) -> torch.Tensor:
-    """``strokes`` with every stroke that paints little moved on top, in its old order, and
-    re-placed where the painting (at ``target``'s resolution) is furthest from ``target``, as a
-    new group's strokes are. The others keep their order.
+def _fit_jointly(phase: JointPhase, painting: Painting, batch: _Batch) -> tuple[Painting, torch.Tensor]:
+    """Re-place rejected strokes, optimise every stroke together through the phase's stages and commit.
 
-    A stroke paints little when its alpha is below ``config.refine_replace_alpha`` or its
-    coverage (``stroke_coverage``, in pixels of the full-size image, ``size`` x ``size``) is
-    below ``config.refine_replace_coverage``.
+    Returns the painting and which images took the refined one ``[B]``.
     """
-    res = target.shape[-1]
-    canvas = renderer.composite(strokes, background[:, :, None, None].expand(-1, -1, res, res).contiguous(), backend)
-    faint = strokes[..., ALPHA] < config.refine_replace_alpha
-    if config.refine_replace_coverage > 0:
-        full_pixels = stroke_coverage(strokes, background, res, backend, canvas) * (size / res) ** 2
-        faint |= full_pixels < config.refine_replace_coverage
-    fresh = place_strokes(target, canvas, strokes.shape[1], config, generators, res / size)
-    order = torch.argsort(faint.to(torch.int8), dim=1, stable=True)  # kept ones first
-    moved = torch.gather(strokes, 1, order[..., None].expand(-1, -1, NUM_FIELDS))
-    return torch.where(torch.gather(faint, 1, order)[..., None], fresh, moved)
-
-
-def refine_strokes(
-    strokes: torch.Tensor, background: torch.Tensor, targets: torch.Tensor, pyramid: dict, stages: list,
-    config: FitConfig, lo: torch.Tensor, hi: torch.Tensor, backend: str, generators: list[torch.Generator],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Optimise all ``strokes [B, N, 10]`` (and the background, with
-    ``fit_background``) jointly, through ``stages``: (resolution, steps) pairs;
-    returns new tensors, the inputs are left as they were."""
-    strokes, background = strokes.clone(), background.clone()
-    lrs = _field_lrs(config.refine_lr, config.refine_lr_scale, strokes.device)
-    for res, steps in stages:
-        if steps == 0:
-            continue
-        if res not in pyramid:
-            pyramid[res] = downsample(targets, res)
-        if config.refine_replace_alpha > 0 or config.refine_replace_coverage > 0:
-            strokes = replace_faint(strokes, background, pyramid[res], config, generators, backend, targets.shape[-1])
-        stage = dataclasses.replace(config, steps=int(steps), lr=config.refine_lr, lr_scale=config.refine_lr_scale,
-                                    betas=config.refine_betas, lr_decay=config.refine_lr_decay)
+    config, strokes = batch.config, painting.strokes
+    if config.refine_replace and bool(painting.rejected.any()):
+        strokes = replace_rejected(strokes, painting.rejected, batch.targets, painting.canvas, config,
+                                   batch.generators)
+    strokes, background = strokes.clone(), painting.background.clone()
+    for res, settings in phase.stages:
         if config.fit_background:
-            background = optimise_group(strokes, None, pyramid[res], background, stage, lrs, lo, hi, backend)
+            background = batch.optimise(strokes, None, res, background, settings)
         else:
-            base = background[:, :, None, None].expand(-1, -1, res, res).contiguous()
-            optimise_group(strokes, base, pyramid[res], None, stage, lrs, lo, hi, backend)
-    return strokes, background
+            batch.optimise(strokes, _flat(background, res), res, None, settings)
+    full = renderer.composite(strokes, _flat(background, batch.targets.shape[-1]), batch.backend)
+    rejected = torch.zeros_like(painting.rejected) if config.refine_replace else painting.rejected
+    return commit(painting, Painting(strokes, rejected, background, full, batch.error(full)))
 
 
-def _joint_pass(strokes, rejected, background, targets, pyramid, full_canvas, full_error, stages, config, generators,
-                lo, hi, backend):
-    """Re-place rejected strokes, refine all strokes jointly, and commit per image
-    as a group is: only a lower full-size error (NaN never is) replaces an image's
-    painting. Returns (strokes, rejected, background, full_canvas, full_error, improved [B])."""
-    size = targets.shape[-1]
-    start = strokes
-    if config.refine_replace and bool(rejected.any()):
-        start = replace_rejected(strokes, rejected, targets, full_canvas, config, generators)
-    new_strokes, new_background = refine_strokes(start, background, targets, pyramid, stages, config, lo, hi, backend,
-                                                 generators)
-    new_full = renderer.composite(new_strokes, new_background[:, :, None, None].expand(-1, -1, size, size)
-                                  .contiguous(), backend)
-    new_error = (new_full - targets).square().mean(dim=(1, 2, 3))
-    improved = new_error < full_error
-    strokes = torch.where(improved[:, None, None], new_strokes, strokes)
-    rejected = rejected & ~improved[:, None] if config.refine_replace else rejected
-    background = torch.where(improved[:, None], new_background, background)
-    full_canvas = torch.where(improved[:, None, None, None], new_full, full_canvas)
-    full_error = torch.where(improved, new_error, full_error)
-    return strokes, rejected, background, full_canvas, full_error, improved
+def _checked(targets: torch.Tensor) -> torch.Tensor:
+    if targets.dim() != 4 or targets.shape[1] != 3:
+        raise ValueError(f"targets must be [B, 3, S, S], got {list(targets.shape)}")
+    if targets.shape[2] != targets.shape[3]:
+        raise ValueError(f"targets must be square, got {targets.shape[2]} x {targets.shape[3]}")
+    return targets
+
+
+def _start(targets: torch.Tensor, config: FitConfig, phases: list, device, seed: int | None) -> tuple[_Batch, Painting]:
+    """The batch every phase reads, and the painting before the first group: the background alone."""
+    dev = renderer.resolve_device(device if device is not None else config.device)
+    targets = targets.to(dev, torch.float32).contiguous()
+    bsz, size = targets.shape[0], targets.shape[-1]
+    first_seed = config.seed if seed is None else seed
+    resolutions = {p.resolution for p in phases if isinstance(p, GroupPhase)}
+    resolutions |= {res for p in phases if isinstance(p, JointPhase) for res, _ in p.stages}
+    batch = _Batch(targets, {r: downsample(targets, r) for r in resolutions}, config,
+                   renderer.resolve_backend(config.backend, dev),
+                   [torch.Generator(device=dev).manual_seed(first_seed + i) for i in range(bsz)], *bounds(1.0, dev))
+    background = targets.mean(dim=(2, 3)) if config.background == "mean" else targets.new_zeros(bsz, 3)
+    canvas = _flat(background, size)
+    blank = Painting(targets.new_zeros(bsz, 0, NUM_FIELDS), torch.zeros(bsz, 0, dtype=torch.bool, device=dev),
+                     background, canvas, batch.error(canvas))
+    return batch, blank
 
 
 def fit_batch(
@@ -207,97 +268,61 @@ def fit_batch(
     numbers from ``seed + i``, so it gets the same painting in any batch that
     starts it at the same seed. ``on_group(done, total,
     psnr [B])`` is called after each group (for progress bars). The loop
-    waits for the GPU only there and, once per joint pass, to learn whether any
-    image has rejected strokes to re-place or kept a stage-end refinement.
+    waits for the GPU only there and, before the joint pass, to learn whether
+    any image has rejected strokes to re-place.
     """
     start = time.perf_counter()
-    dev = renderer.resolve_device(device if device is not None else config.device)
-    backend = renderer.resolve_backend(config.backend, dev)
-    if targets.dim() != 4 or targets.shape[1] != 3:
-        raise ValueError(f"targets must be [B, 3, S, S], got {list(targets.shape)}")
-    targets = targets.to(dev, torch.float32).contiguous()
-    bsz, _, size, width = targets.shape
-    if size != width:
-        raise ValueError(f"targets must be square, got {size} x {width}")
-    first_seed = config.seed if seed is None else seed
-    generators = [torch.Generator(device=dev).manual_seed(first_seed + i) for i in range(bsz)]
-    lo, hi = bounds(1.0, dev)
-    lrs = _field_lrs(config.lr, config.lr_scale, dev)
+    phases = plan_phases(config, _checked(targets).shape[-1])
+    batch, painting = _start(targets, config, phases, device, seed)
+    groups = sum(isinstance(phase, GroupPhase) for phase in phases)
+    canvas, history = None, []
+    diverged = torch.zeros(batch.targets.shape[0], dtype=torch.bool, device=batch.targets.device)
+    refined = torch.zeros_like(diverged)
+    for phase in phases:
+        if isinstance(phase, GroupPhase):
+            painting, canvas, error = _fit_group(phase, painting, canvas, batch)
+            diverged |= ~torch.isfinite(error)  # the painting stays valid, but the caller must know
+            history.append(10.0 * torch.log10(1.0 / painting.error.clamp_min(1e-12)))
+            if on_group is not None:
+                on_group(len(history), groups, history[-1].cpu())
+        else:
+            painting, better = _fit_jointly(phase, painting, batch)
+            refined |= better
+    return _result(painting, batch, history, diverged, refined, start)
 
-    resolutions = [min(r, size) for r in config.group_resolutions()]
-    pyramid = {r: downsample(targets, r) for r in set(resolutions)}
-    background = targets.mean(dim=(2, 3)) if config.background == "mean" else targets.new_zeros(bsz, 3)
-    frozen: list[torch.Tensor] = []
-    rejected: list[torch.Tensor] = []  # [B, n] per group: True where the image got null strokes
-    full_canvas = background[:, :, None, None].expand(-1, -1, size, size).contiguous()
-    full_error = (full_canvas - targets).square().mean(dim=(1, 2, 3))
-    history = []
-    canvas, canvas_res = None, None
-    diverged = torch.zeros(bsz, dtype=torch.bool, device=dev)
 
-    group_steps = config.group_steps()
-    for g, (n, res) in enumerate(zip(config.group_sizes(), resolutions)):
-        target = pyramid[res]
-        group_config = config if group_steps[g] == config.steps else dataclasses.replace(config, steps=group_steps[g])
-        fit_bg = config.fit_background and g == 0
-        if canvas_res != res:
-            # Point-sampled strokes at the new resolution, not a resampled canvas.
-            base = background[:, :, None, None].expand(-1, -1, res, res).contiguous()
-            canvas = renderer.composite(torch.cat(frozen, 1), base, backend) if frozen else base
-            canvas_res = res
-        base = canvas
-        strokes = place_strokes(target, base, n, config, generators, res / size)
-        fitted_bg = optimise_group(strokes, base, target, background if fit_bg else None, group_config, lrs, lo, hi,
-                                   backend)
-        old_background = background
-        if fit_bg:
-            background = fitted_bg
-        # Commit at full resolution; an image the group made worse keeps its old painting.
-        full_base = background[:, :, None, None].expand(-1, -1, size, size).contiguous() if fit_bg else full_canvas
-        new_full = renderer.composite(strokes, full_base, backend)
-        new_error = (new_full - targets).square().mean(dim=(1, 2, 3))
-        worse = ~(new_error <= full_error)  # NaN counts as worse
-        diverged |= ~torch.isfinite(new_error)  # the painting stays valid, but the caller must know
-        strokes = torch.where(worse[:, None, None], null_strokes(bsz, n, dev), strokes)
-        full_canvas = torch.where(worse[:, None, None, None], full_canvas, new_full)
-        full_error = torch.where(worse, full_error, new_error)
-        if fit_bg:
-            background = torch.where(worse[:, None], old_background, background)
-            canvas_res = None  # the base changed under the group: repaint at the next group
-        frozen.append(strokes)
-        rejected.append(worse[:, None].expand(-1, n))
-        if canvas_res is not None:
-            canvas = renderer.composite(strokes, base, backend)  # null strokes leave a worse image's base as it was
-        if config.stage_refine and g + 1 < len(resolutions) and resolutions[g + 1] != res:
-            # The end of a coarse stage: refine its strokes together at its resolution, cheaply (few
-            # strokes, few pixels), so the next stage's groups are placed on a better painting.
-            joint, joint_rejected, background, full_canvas, full_error, improved = _joint_pass(
-                torch.cat(frozen, 1), torch.cat(rejected, 1), background, targets, pyramid, full_canvas, full_error,
-                [(res, config.stage_refine)], config, generators, lo, hi, backend)
-            if bool(improved.any()):  # else the incremental canvas stands, bit for bit
-                frozen, rejected = [joint], [joint_rejected]
-                canvas_res = None
-        history.append(10.0 * torch.log10(1.0 / full_error.clamp_min(1e-12)))
-        if on_group is not None:
-            on_group(g + 1, len(resolutions), history[-1].cpu())
-
-    strokes = torch.cat(frozen, 1)
-    refined = torch.zeros(bsz, dtype=torch.bool, device=dev)
-    stages = [(min(size, max(8, round(scale * size))), steps) for scale, steps in config.refine]
-    if any(steps > 0 for _, steps in stages):
-        strokes, _, background, full_canvas, full_error, refined = _joint_pass(
-            strokes, torch.cat(rejected, 1), background, targets, pyramid, full_canvas, full_error, stages, config,
-            generators, lo, hi, backend)
-    final_psnr = psnr(full_canvas, targets)
-    ok = ~diverged & torch.isfinite(strokes).all(dim=(1, 2)) & torch.isfinite(final_psnr)
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
+def _result(painting: Painting, batch: _Batch, history: list, diverged: torch.Tensor, refined: torch.Tensor,
+            start: float) -> FitResult:
+    final_psnr = psnr(painting.canvas, batch.targets)
+    ok = ~diverged & torch.isfinite(painting.strokes).all(dim=(1, 2)) & torch.isfinite(final_psnr)
+    if batch.targets.is_cuda:
+        torch.cuda.synchronize(batch.targets.device)
     return FitResult(
-        strokes=torch.nan_to_num(strokes).cpu(),
-        background=torch.nan_to_num(background).cpu(),
+        strokes=torch.nan_to_num(painting.strokes).cpu(),
+        background=torch.nan_to_num(painting.background).cpu(),
         psnr=final_psnr.cpu(),
         ok=ok.cpu(),
         seconds=time.perf_counter() - start,
         group_psnr=torch.stack(history, 1).cpu(),
         refined=refined.cpu(),
     )
+
+
+def stroke_coverage(strokes: torch.Tensor, background: torch.Tensor, res: int, backend: str,
+                    canvas: torch.Tensor | None = None) -> torch.Tensor:
+    """How much of the painting each stroke makes, ``[B, N]``: the sum over the pixels of a
+    ``res`` x ``res`` canvas of its visible weight (opacity times the transmittance of the
+    strokes above it), in pixels of that canvas. A stroke that is faint, tiny or hidden
+    under others covers next to nothing: it holds a slot and paints nothing.
+
+    Not part of the fit: a measurement, kept for benchmarks/probe_strokes.py ("Where the strokes
+    go" in benchmarks/RESULTS.md). Read off one gradient: against a target 0.5 below the canvas
+    everywhere, the l2 loss's derivative by a stroke's red is its visible weight summed, times a
+    constant. ``canvas``: the painting at ``res``, if the caller has it.
+    """
+    base = _flat(background, res)
+    if canvas is None:
+        canvas = renderer.composite(strokes, base, backend)
+    _, _, grad, _ = renderer.loss_and_grad(strokes, base, canvas - 0.5, "l2", backend)
+    # loss = mean over 3 * res * res values of residual ** 2; its derivative by the canvas is 1 / (3 res^2)
+    return grad[..., RED] * (3 * res * res)

@@ -33,7 +33,12 @@ import triton.language as tl
 
 from .strokes import FIELDS
 
-LOSS_KINDS = {"l1": 0, "l2": 1, "prefix_l1": 2}
+# The fused loss: a kernel's LOSS_KIND (each kind compiles to its own kernel). Kernels read these
+# module globals, so they are tl.constexpr (see _at).
+LOSS_L1 = tl.constexpr(0)
+LOSS_L2 = tl.constexpr(1)
+LOSS_PREFIX_L1 = tl.constexpr(2)  # the seed's: the mean over the prefix canvases C_1..C_N of their L1 error
+LOSS_KINDS = {"l1": LOSS_L1.value, "l2": LOSS_L2.value, "prefix_l1": LOSS_PREFIX_L1.value}
 
 # A tile skips a stroke only where the stroke's opacity is provably below
 # CULL_OPACITY everywhere on it, so culling changes a pixel by less than
@@ -432,7 +437,7 @@ def _forward_kernel(
     S += b * N * STROKE
     PREPARED += b * N * PREP
     LIST, n_listed = _tile_list(LIST, COUNT, N, b, BINNED)
-    if LOSS_KIND == 2 and HAS_TARGET:
+    if LOSS_KIND == LOSS_PREFIX_L1 and HAS_TARGET:
         # The seed's objective: the error of every prefix canvas C_1..C_N.
         # A culled stroke leaves the tile's error unchanged, so it costs a
         # scalar add instead of a pass over the tile. (Never binned: each
@@ -453,7 +458,7 @@ def _forward_kernel(
             d0 = c0 - t0
             d1 = c1 - t1
             d2 = c2 - t2
-            if LOSS_KIND == 0:
+            if LOSS_KIND == LOSS_L1:
                 err = tl.abs(d0) + tl.abs(d1) + tl.abs(d2)
             else:
                 err = d0 * d0 + d1 * d1 + d2 * d2
@@ -493,15 +498,15 @@ def _backward_kernel(
     # lam + pending * sign(C - T) * scale: a culled stroke adds one pending
     # term (its prefix canvas equals the current one) instead of a tile pass.
     pending = scale * 0.0
-    if LOSS_KIND == 0:
+    if LOSS_KIND == LOSS_L1:
         l0 = _sign(c0 - t0) * scale
         l1 = _sign(c1 - t1) * scale
         l2 = _sign(c2 - t2) * scale
-    elif LOSS_KIND == 1:
+    elif LOSS_KIND == LOSS_L2:
         l0 = 2.0 * (c0 - t0) * scale
         l1 = 2.0 * (c1 - t1) * scale
         l2 = 2.0 * (c2 - t2) * scale
-    else:
+    else:  # LOSS_PREFIX_L1
         scale = scale / tl.maximum(N, 1)
         l0 = c0 * 0.0
         l1 = c0 * 0.0
@@ -529,7 +534,7 @@ def _backward_kernel(
             P = PREPARED + k * PREP
             hit, q_min = _reach(P, x0, x1, y0, y1)
         if hit:
-            if LOSS_KIND == 2:
+            if LOSS_KIND == LOSS_PREFIX_L1:
                 # The canvas is about to change: its pending terms are due now.
                 l0, l1, l2 = _flush_prefix(l0, l1, l2, pending, c0, c1, c2, t0, t1, t2, mask, scale)
                 pending = pending * 0.0
@@ -599,11 +604,11 @@ def _backward_kernel(
             c2 = p2
         # The canvas now is C_k (0-based k strokes painted); it is a prefix
         # term of the seed's loss for k >= 1.
-        if LOSS_KIND == 2:
+        if LOSS_KIND == LOSS_PREFIX_L1:
             if k >= 1:
                 pending += 1.0
     if BASE_GRAD:
-        if LOSS_KIND == 2:
+        if LOSS_KIND == LOSS_PREFIX_L1:
             l0, l1, l2 = _flush_prefix(l0, l1, l2, pending, c0, c1, c2, t0, t1, t2, mask, scale)
         _store_rgb(GRAD_BASE, img, plane, mask, l0, l1, l2)
 

@@ -10,7 +10,7 @@ from encoder.renderer import composite
 from encoder.strokes import bounds
 
 TINY = dict(strokes=12, group_size=4, size=16, steps=6, stages=[[0.5, 0.34], [1.0, 0.66]], device="cpu",
-            backend="reference", lr=0.02)
+            backend="reference", lr=0.02, lr_scale={}, refine=[])  # the groups alone, one lr for every field
 
 
 def photo(seed: int) -> torch.Tensor:
@@ -119,7 +119,8 @@ def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
     path.write_text("encoder:\n  strokes: 40\n  size: 64\n")
     config = load_config(path, size=32)
     assert config.strokes == 40 and config.size == 32
-    assert len(config.group_resolutions()) == config.groups and config.group_resolutions()[-1] == 32
+    schedule = config.group_schedule()
+    assert len(schedule) == config.groups and schedule[-1][1] == 32 and sum(n for n, _, _ in schedule) == 40
 
 
 def test_a_diverging_image_is_flagged_and_its_strokes_stay_finite(monkeypatch):
@@ -163,3 +164,94 @@ def test_step_culling_reaches_every_gradient_step_and_no_commit(monkeypatch):
     for bad in (0.0, 1.0, -0.5):
         with pytest.raises(ValueError, match="step_cull_opacity"):
             FitConfig(**{**TINY, "step_cull_opacity": bad})
+
+
+def test_same_paintings_as_the_stored_reference():
+    """The fit paints what it painted before the phase refactor (tests/data/fit_reference_cpu.pt: the
+    cpu_small preset with small overrides, joint passes and per-field lr scales, seed 3)."""
+    from conftest import DATA
+
+    ref = torch.load(DATA / "fit_reference_cpu.pt")
+    result = fit_batch(ref["targets"], load_config("cpu_small", **ref["overrides"]), seed=ref["seed"])
+    assert torch.allclose(result.strokes, ref["strokes"], atol=1e-4, rtol=0)
+    assert torch.allclose(result.background, ref["background"], atol=1e-4, rtol=0)
+    assert torch.allclose(result.psnr, ref["psnr"], atol=1e-3, rtol=0)
+    assert torch.allclose(result.group_psnr, ref["group_psnr"], atol=1e-3, rtol=0)
+    assert torch.equal(result.refined, ref["refined"])
+
+
+def test_fit_config_defaults_are_the_default_preset():
+    assert FitConfig() == load_config("default")
+
+
+def test_the_schedule_is_planned_once_from_the_config():
+    """The default preset at 512 px: 10 groups at 128, 256 and 512 px (the last ones with their stage's
+    steps), the first fitting the background, then one joint pass with the joint settings."""
+    from encoder.fit import GroupPhase, JointPhase, plan_phases
+
+    config = FitConfig()
+    *groups, joint = plan_phases(config, 512)
+    assert all(isinstance(g, GroupPhase) for g in groups) and isinstance(joint, JointPhase)
+    assert [(g.strokes, g.resolution, g.settings.steps) for g in groups] == \
+        [(100, 128, 125)] * 3 + [(100, 256, 125)] * 4 + [(100, 512, 75)] * 3
+    assert [g.fit_background for g in groups] == [True] + [False] * 9
+    assert {(g.settings.lr, g.settings.lr_decay) for g in groups} == {(0.01, 0.0)}
+    assert [(res, s.steps, s.lr, s.lr_decay) for res, s in joint.stages] == \
+        [(256, 200, 0.003, 0.9), (512, 100, 0.003, 0.9)]
+    assert not any(isinstance(p, JointPhase) for p in plan_phases(FitConfig(**{**TINY, "refine": [[1.0, 0]]}), 16))
+
+
+def test_commit_takes_only_a_lower_error_and_never_nan():
+    from encoder.fit import Painting, commit
+
+    def painting(value: float, errors: list) -> Painting:
+        return Painting(torch.full((3, 2, 10), value), torch.full((3, 2), value > 0), torch.full((3, 3), value),
+                        torch.full((3, 3, 4, 4), value), torch.tensor(errors))
+
+    old, new = painting(0.0, [0.5, 0.5, 0.5]), painting(1.0, [0.4, 0.5, float("nan")])
+    kept, better = commit(old, new)
+    assert better.tolist() == [True, False, False]
+    assert kept.strokes[:, 0, 0].tolist() == [1.0, 0.0, 0.0] and kept.rejected[:, 0].tolist() == [True, False, False]
+    assert kept.canvas[:, 0, 0, 0].tolist() == [1.0, 0.0, 0.0] and kept.error[1:].tolist() == [0.5, 0.5]
+
+
+def test_a_changed_optimiser_setting_captures_a_new_graph(monkeypatch):
+    """The CUDA-graph cache is keyed by the whole OptimiserSettings: the same settings replay the
+    captured loop, a change to any one of them captures a new one. There is no CUDA here, so the
+    graph path is forced and the graph is a fake that records its captures."""
+    import dataclasses
+    from collections import OrderedDict
+
+    from encoder import steps
+    from encoder.fit import plan_phases
+
+    captured = []
+
+    class FakeGraph:
+        def __init__(self, strokes, base, target, background, settings, *rest):
+            captured.append(settings)
+
+        def __call__(self, strokes, base, target, background):
+            return None
+
+    monkeypatch.setattr(steps, "_graphed", lambda *args: True)
+    monkeypatch.setattr(steps, "_GraphedSteps", FakeGraph)
+    monkeypatch.setattr(steps, "_graphs", OrderedDict())
+    settings = plan_phases(FitConfig(**TINY), 16)[1].settings
+    lo, hi = bounds(1.0)
+    strokes, canvas = null_strokes(1, 4, "cpu"), torch.zeros(1, 3, 8, 8)
+
+    def run(s):
+        steps.optimise_group(strokes, canvas, canvas, None, s, lo, hi, "triton")
+
+    run(settings)
+    run(settings)
+    assert captured == [settings]
+    changes = dict(steps=7, lr=0.03, field_lr_scales=(0.5,) * 10, betas=(0.9, 0.99), lr_decay=0.5, loss="l1",
+                   step_cull_opacity=1e-3)
+    assert set(changes) == {f.name for f in dataclasses.fields(steps.OptimiserSettings)}  # every setting tried
+    for name, value in changes.items():
+        run(dataclasses.replace(settings, **{name: value}))
+        assert len(captured) == 2 + list(changes).index(name) and getattr(captured[-1], name) == value
+    run(settings)  # still cached: replayed, not captured again
+    assert len(captured) == 1 + len(changes)

@@ -4,12 +4,12 @@ import torch
 
 from encoder import fit_batch, renderer
 from encoder.config import FitConfig
-from encoder.fit import null_strokes, replace_faint, replace_rejected
+from encoder.fit import null_strokes, replace_rejected
 from encoder.strokes import bounds
 
 TINY = dict(strokes=12, group_size=4, size=16, steps=6, stages=[[0.5, 0.34], [1.0, 0.66]], device="cpu",
-            backend="reference", lr=0.02)
-REFINE = dict(TINY, refine=[[0.5, 3], [1.0, 3]], refine_lr=0.01)
+            backend="reference", lr=0.02, lr_scale={}, refine=[])  # the groups alone, one lr for every field
+REFINE = dict(TINY, refine=[[0.5, 3], [1.0, 3]], refine_lr=0.01, refine_lr_scale={}, refine_lr_decay=0.0)
 
 
 def photo(seed: int) -> torch.Tensor:
@@ -102,49 +102,23 @@ def test_replace_rejected_touches_only_rejected_slots():
     assert torch.allclose(placed[:, 9], torch.full((3,), config.init_alpha))
 
 
-def test_replace_faint_moves_faint_strokes_on_top_as_new_ones():
-    """Strokes fainter than refine_replace_alpha go on top, re-placed and valid; the others keep
-    their values and their order; an image without faint strokes is unchanged."""
-    config = FitConfig(**{**TINY, "refine_replace_alpha": 0.05})
-    gen = torch.Generator().manual_seed(4)
-    lo, hi = bounds(1.0)
-    strokes = lo + (hi - lo) * torch.rand(2, 6, 10, generator=gen)
-    strokes[..., 9] = torch.tensor([[0.5, 0.01, 0.6, 0.02, 0.7, 0.8], [0.5, 0.6, 0.7, 0.8, 0.9, 0.3]])
-    gens = [torch.Generator().manual_seed(i) for i in range(2)]
-    background = torch.full((2, 3), 0.5)
-    out = replace_faint(strokes, background, images(), config, gens, "reference", 16)
-    assert torch.equal(out[0, :4], strokes[0, [0, 2, 4, 5]])  # kept, in their order
-    assert torch.all(out[0, 4:] >= lo) and torch.all(out[0, 4:] <= hi)
-    assert torch.allclose(out[0, 4:, 9], torch.full((2,), config.init_alpha))
-    assert torch.equal(out[1], strokes[1])
-
-
-def test_replacing_faint_strokes_keeps_psnr_monotone():
-    plain = fit_batch(images(), FitConfig(**TINY))
-    result = fit_batch(images(), FitConfig(**{**REFINE, "refine_replace_alpha": 0.2}))
-    assert torch.all(result.psnr >= plain.psnr - 1e-5)
-    lo, hi = bounds(1.0)
-    assert torch.all(result.strokes >= lo) and torch.all(result.strokes <= hi)
-
-
 def test_per_field_lr_scales_reach_their_fields():
     """lr_scale multiplies each named field's step: a field at scale 0 does not move, the others do;
     an unknown field name is an error, not a silently ignored key."""
-    from encoder.fit import _field_lrs
-    from encoder.steps import optimise_group
+    from encoder.steps import OptimiserSettings, optimise_group
     from encoder.strokes import FIELDS
 
-    lrs = _field_lrs(0.01, {"cx": 0.0, "cy": 0.0, "alpha": 3.0}, "cpu")
-    assert lrs.tolist() == pytest.approx([0.0, 0.0] + [0.01] * 7 + [0.03])
-    with pytest.raises(ValueError, match="unknown fields"):
-        _field_lrs(0.01, {"x": 1.0}, "cpu")
-    config = FitConfig(**TINY)
+    settings = OptimiserSettings.of(6, 0.01, {"cx": 0.0, "cy": 0.0, "alpha": 3.0}, (0.8, 0.9), 0.0, "l2", 1e-7)
+    assert [0.01 * s for s in settings.field_lr_scales] == pytest.approx([0.0, 0.0] + [0.01] * 7 + [0.03])
+    for name in ("lr_scale", "refine_lr_scale"):
+        with pytest.raises(ValueError, match=f"{name} names unknown fields"):
+            FitConfig(**{**TINY, name: {"x": 1.0}})
     gen = torch.Generator().manual_seed(8)
     lo, hi = bounds(1.0)
     strokes = lo + (hi - lo) * (0.25 + 0.5 * torch.rand(2, 4, 10, generator=gen))
     before = strokes.clone()
     base = torch.full((2, 3, 16, 16), 0.5)
-    optimise_group(strokes, base, images(), None, config, lrs, lo, hi, "reference")
+    optimise_group(strokes, base, images(), None, settings, lo, hi, "reference")
     moved = (strokes - before).abs().amax(dim=(0, 1))
     assert moved[FIELDS.index("cx")] == 0 and moved[FIELDS.index("cy")] == 0
     assert torch.all(moved[2:] > 0)
@@ -152,15 +126,14 @@ def test_per_field_lr_scales_reach_their_fields():
 
 def test_stage_steps():
     config = FitConfig(**{**TINY, "stages": [[0.5, 0.34, 2], [1.0, 0.66]]})
-    assert config.group_steps() == [2] + [6, 6]
+    assert [steps for _, _, steps in config.group_schedule()] == [2] + [6, 6]
     same = FitConfig(**{**TINY, "stages": [[0.5, 0.34, 6], [1.0, 0.66, 6]]})
     assert torch.equal(fit_batch(photo(3)[None], same).strokes, fit_batch(photo(3)[None], FitConfig(**TINY)).strokes)
 
 
 @pytest.mark.parametrize("bad", [dict(refine=[[0.0, 5]]), dict(refine=[[1.0, -1]]), dict(refine=[[1.0]]),
                                  dict(refine_lr=0.0), dict(stages=[[1.0, 1.0, 0]]),
-                                 dict(refine_replace_alpha=1.0), dict(refine_replace_alpha=-0.1),
-                                 dict(refine_replace_coverage=-1.0), dict(init_size_power=-0.5)])
+                                 dict(refine_lr_decay=1.5), dict(refine_betas=(0.9, 1.0))])
 def test_config_rejects_bad_refinement(bad):
     with pytest.raises(ValueError):
         FitConfig(**{**TINY, **bad})
@@ -188,34 +161,11 @@ def test_adam_lr_factor_fused_matches_tensor_ops_and_one_is_identity():
     assert not torch.equal(p1, p3)
 
 
-def test_zero_decay_is_the_plain_fit_and_full_decay_changes_it():
-    plain = fit_batch(photo(4)[None], FitConfig(**REFINE))
-    zero = fit_batch(photo(4)[None], FitConfig(**{**REFINE, "lr_decay": 0.0, "refine_lr_decay": 0.0}))
-    decayed = fit_batch(photo(4)[None], FitConfig(**{**REFINE, "lr_decay": 0.9, "refine_lr_decay": 0.9}))
-    assert torch.equal(plain.strokes, zero.strokes)
-    assert not torch.equal(plain.strokes, decayed.strokes)
-
-
-def test_stage_refinement_keeps_psnr_monotone_and_strokes_valid(monkeypatch):
-    config = FitConfig(**{**REFINE, "stage_refine": 3})
-    result = fit_batch(images(), config)
-    assert torch.all(result.group_psnr[:, 1:] - result.group_psnr[:, :-1] >= -1e-4)
-    assert torch.all(result.psnr >= result.group_psnr[:, -1] - 1e-4)
-    lo, hi = bounds(1.0)
-    assert torch.all(result.strokes >= lo) and torch.all(result.strokes <= hi)
-    # A stage refinement that climbs the loss changes nothing: the plain groups' result.
-    plain = fit_batch(images(), FitConfig(**TINY))
-    from encoder import fit
-
-    def spoiled(strokes, background, *args):  # opaque strokes of the wrong colour
-        bad = strokes.clone()
-        bad[..., 6:9] = (args[0].mean(dim=(2, 3))[:, None, :] < 0.5).float()
-        bad[..., 9] = 1.0
-        return bad, background
-
-    monkeypatch.setattr(fit, "refine_strokes", spoiled)
-    harmful = fit_batch(images(), FitConfig(**{**TINY, "stage_refine": 3}))
-    assert torch.equal(harmful.strokes, plain.strokes) and torch.equal(harmful.group_psnr, plain.group_psnr)
+def test_joint_lr_decay_changes_the_joint_pass_only():
+    constant = fit_batch(photo(4)[None], FitConfig(**REFINE))
+    decayed = fit_batch(photo(4)[None], FitConfig(**{**REFINE, "refine_lr_decay": 0.9}))
+    assert torch.equal(constant.group_psnr, decayed.group_psnr)  # the groups' lr never decays
+    assert not torch.equal(constant.strokes, decayed.strokes)
 
 
 def _visible_weight(strokes: torch.Tensor, res: int) -> torch.Tensor:
@@ -246,33 +196,3 @@ def test_stroke_coverage_is_the_visible_weight(backend):
     got = stroke_coverage(strokes, background, 12, backend)
     want = _visible_weight(strokes, 12)
     assert torch.allclose(got, want, atol=1e-3, rtol=1e-3)
-
-
-def test_replace_faint_by_coverage_moves_hidden_strokes():
-    """A stroke under an opaque one is re-placed by its coverage, though its alpha is high; the
-    same stroke under a faint one is kept."""
-    config = FitConfig(**{**TINY, "refine_replace_coverage": 5.0})
-    lo, hi = bounds(1.0)
-    strokes = ((lo + hi.clamp(max=1.0)) / 2).expand(2, 2, 10).clone()
-    strokes[:, 0, 9] = 0.8
-    strokes[:, 1] = torch.tensor([0.5, 0.5, 0.0, 2.0, 0.2, 0.785, 0.1, 0.2, 0.3, 1.0])  # covers the canvas
-    strokes[1, 1, 9] = 0.01
-    gens = [torch.Generator().manual_seed(i) for i in range(2)]
-    out = replace_faint(strokes, torch.full((2, 3), 0.5), images(), config, gens, "reference", 16)
-    assert torch.equal(out[0, 0], strokes[0, 1])                  # the cover stays, now first
-    assert torch.allclose(out[0, 1, 9], torch.tensor(config.init_alpha))  # the hidden one is new, on top
-    assert torch.equal(out[1, 0], strokes[1, 0])                  # not hidden: kept
-
-
-def test_init_size_power_scales_a_coarse_stage_strokes():
-    """A stage at scale s starts its strokes at init_mu_r * s ** -init_size_power, within mu_r's bounds;
-    power 0 is one size for every stage."""
-    from encoder.fit import place_strokes
-    from encoder.strokes import MU_R, UPPER
-
-    target, canvas = images(), torch.zeros(2, 3, 16, 16)
-    gens = lambda: [torch.Generator().manual_seed(i) for i in range(2)]  # noqa: E731
-    for power, scale, want in ((0.0, 0.25, 0.1), (1.0, 0.25, 0.4), (0.5, 0.25, 0.2), (1.0, 0.01, UPPER[MU_R])):
-        config = FitConfig(**{**TINY, "init_mu_r": 0.1, "init_size_power": power})
-        strokes = place_strokes(target, canvas, 5, config, gens(), scale)
-        assert torch.allclose(strokes[..., MU_R], torch.full((2, 5), want))
