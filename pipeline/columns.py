@@ -23,6 +23,7 @@ import torch
 import encoder
 
 from . import storage
+from .output_folder import DATA_SUFFIX, OutputFolder
 from .records import Status
 
 KNOWN_FORMATS = ("1", "2")
@@ -35,18 +36,18 @@ def parquet_files(source: str | Path | list) -> list[str]:
     """A folder (its ``*.parquet``), a glob, a file, or a list of those -> sorted file paths.
 
     Local paths or filesystem URIs (``s3://bucket/out``, see storage.py). Hidden
-    files are skipped: the writer's in-progress files are ``.{id}.parquet.*.tmp``.
+    files are skipped: the writer's in-progress files are hidden (output_folder.py).
     """
     if isinstance(source, (list, tuple)):
         return [f for s in source for f in parquet_files(s)]
     source = str(source)
     if storage.is_fs_uri(source):
-        found = storage.expand(source, (".parquet",))  # one listing for a folder or pattern
+        found = storage.expand(source, (DATA_SUFFIX,))  # one listing for a folder or pattern
         if not found:
             raise FileNotFoundError(f"no Parquet files at {source}")
         return found
     if os.path.isdir(source):
-        found = glob.glob(os.path.join(source, "*.parquet"))
+        found = [str(p) for p in OutputFolder(source).data_files()]
     elif any(ch in source for ch in "*?["):
         found = glob.glob(source)
     elif os.path.isfile(source):

@@ -24,9 +24,9 @@ from webdataset import TarWriter
 import encoder
 
 from .config import CPU_PRESET, DEFAULT_PRESET
-from .driver import SUMMARY_NAME, RunOptions
+from .driver import RunOptions
 from .columns import encoder_size, open_file
-from .shards import meta_dir
+from .output_folder import OutputFolder
 
 DEMO_ROOT = Path("demo_out")  # in .gitignore
 
@@ -116,17 +116,17 @@ def prepare_demo(options: RunOptions) -> RunOptions:
 def show_demo(options: RunOptions) -> None:
     """Paint a few rows of each output file and say where the strokes, stats and paintings are."""
     out = Path(options.output)
-    previews = []
-    for parquet in sorted(out.glob("*.parquet")):
+    folder, previews = OutputFolder(out), []
+    for parquet in folder.data_files():
         # Beside the output folder, not inside it: image files there would make Hugging Face
         # datasets pick its image-folder builder for the folder instead of Parquet.
         previews += render_previews(parquet, out.parent / "previews", encoder_size(open_file(parquet)), limit=4)
-    print(f"[demo] strokes: {out}/*.parquet  stats: {meta_dir(out)}/*_stats.json  summary: {out / SUMMARY_NAME}")
+    print(f"[demo] strokes: {folder.parquet('*')}  stats: {folder.stats('*')}  summary: {folder.summary_path}")
     if previews:
         print(f"[demo] {len(previews)} paintings rendered from the strokes: {out.parent / 'previews'}")
-    print(f"[demo] render one yourself: python -m pipeline render {out}/00000.parquet --key 000000000 --size 512 "
+    print(f"[demo] render one yourself: python -m pipeline render {folder.parquet('00000')} --key 000000000 --size 512 "
           "-o painting.png")
-    if any(out.glob("*.parquet")):
+    if folder.data_files():
         from .gallery import write_report
         from .shards import expand_specs
 

@@ -34,11 +34,10 @@ import torch
 import encoder
 
 from .columns import encoder_size, file_metadata, open_file, parquet_files, table_rows
-from .driver import SUMMARY_NAME
+from .output_folder import OutputFolder
 from .reader import IMAGE_EXTS, SampleError, ShardReader, decode_image
 from .records import Status
 from .redact import redact
-from .shards import meta_dir
 
 MAX_FAILURES = 500  # failed rows listed; a run with more counts them in the stats
 
@@ -131,13 +130,13 @@ def _photos(files: list[str], chosen: list[dict], size: int, shards: list[str] |
 
 
 def _stats(out: Path) -> tuple[list[dict], dict | None]:
-    stats = []
-    for path in sorted(meta_dir(out).glob("*_stats.json")):
+    folder, stats = OutputFolder(out), []
+    for path in folder.stats_files():
         try:
             stats.append(json.loads(path.read_text()))
         except (OSError, ValueError):
             continue
-    summary_path = out / SUMMARY_NAME
+    summary_path = folder.summary_path
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
     return stats, summary
 

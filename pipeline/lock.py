@@ -8,8 +8,8 @@ lock left by a driver that died (same host, its pid gone) is taken over; a
 lock from another host cannot be checked from here and must be removed by
 hand once that driver is known to be gone.
 
-The lock lives in the folder's ``__painterbot__/`` (with the stats files, the
-settings and the summary), out of data readers' way. It is local-only: an
+The lock lives where output_folder.py says (beside the stats files, the
+settings and the summary, out of data readers' way). It is local-only: an
 object-store output (``s3://``, ``gs://``, ...) has no atomic create-if-absent
 here, so no lock is taken there (a log line says so): run one driver per
 remote output.
@@ -24,10 +24,7 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import storage
-from .shards import META_DIR
-
-LOCK_NAME = f"{META_DIR}/driver.lock"
+from .output_folder import OutputFolder
 
 
 class LockHeld(RuntimeError):
@@ -49,8 +46,9 @@ class OutputLock:
 
     def __init__(self, out_dir: str | Path):
         self.out_dir = str(out_dir)
-        self.local = not storage.is_fs_uri(str(out_dir))
-        self.path = Path(out_dir) / LOCK_NAME if self.local else None
+        folder = OutputFolder(out_dir)
+        self.local = not folder.is_remote
+        self.path = folder.lock_path if self.local else None
         self.holder = {"host": socket.gethostname(), "pid": os.getpid(),
                        "started_at": datetime.now(timezone.utc).isoformat(), "token": uuid.uuid4().hex}  # fmt: skip
         self.held = False

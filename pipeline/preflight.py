@@ -19,6 +19,7 @@ import encoder
 
 from . import storage
 from .config import PipelineConfig, load_pipeline_config
+from .output_folder import OutputFolder
 from .redact import redact
 from .shards import Shard, make_shards, missing_local
 from .sources import check_url, local_path
@@ -99,16 +100,16 @@ def _check_output(output: str) -> str:
         raise ValueError(f"--output {redact(output)}: credentials in the output URI are refused (they would be "
                          "written into the summary and the log); give them in the environment instead "
                          "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE, GOOGLE_APPLICATION_CREDENTIALS)")
-    if storage.is_fs_uri(output):
+    folder = OutputFolder(output)
+    if folder.is_remote:
         # An object store (s3://bucket/prefix) or another filesystem: a prefix needs no creating,
         # but its bucket must exist (mkdir checks it, one request).
-        out = storage.location(output)
         try:
-            out.mkdir(parents=True, exist_ok=True)
+            folder.root.mkdir(parents=True, exist_ok=True)
         except (OSError, ValueError) as exc:
             raise ValueError(f"cannot use the output {redact(output)}: {redact(exc)}") from None
-        return str(out)
-    out = storage.location(output).resolve()
+        return str(folder)
+    out = folder.root.resolve()
     if out.exists() and not out.is_dir():
         raise ValueError(f"--output {out} is a file, not a folder")
     try:

@@ -1,16 +1,14 @@
-"""Shard specs, shard ids, done markers and resume.
+"""Shard specs, shard ids and resume: which shards are done.
 
 A shard spec is anything ``sources.open_source`` opens (a local path, ``file:``,
 ``http(s)://``, ``pipe:CMD``, or a filesystem URI: ``s3://``, ``gs://``, any
 fsspec scheme, see storage.py), with img2dataset's brace ranges
 (``laion-art/{00000..00999}.tar``); the output folder may be local or such a
-URI. A shard's id is the stem of its tar, so
-``OUT/{id}.parquet`` sits beside the input's own ``{id}.tar`` naming, and
-``OUT/{id}_stats.json`` (written last) says the shard is done, once checked:
-the stats say the source was read whole, and the Parquet footer is readable
-and holds as many rows as the stats. The folder's settings file records what
-shapes its rows (format version, stroke count, size), so a resume with other
-settings is refused instead of mixing two kinds of rows.
+URI. A shard's id is the stem of its tar, so its ``{id}.parquet`` sits beside
+the input's own ``{id}.tar`` naming, and its stats file (written last, names in
+output_folder.py) says the shard is done, once checked: the stats say the
+source was read whole, and the Parquet footer is readable and holds as many
+rows as the stats.
 """
 from __future__ import annotations
 
@@ -23,8 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from . import storage
+from braceexpand import braceexpand
 
+from . import storage
+from .output_folder import OutputFolder
 from .sources import local_path, scheme
 
 TAR_SUFFIXES = (".tar.gz", ".tar.zst", ".tar.bz2", ".tar.xz", ".tgz", ".tar")
@@ -50,10 +50,6 @@ def expand_specs(specs: str | list[str] | tuple[str, ...]) -> list[str]:
     Several specs may be given (a list, or one string separated by whitespace is
     NOT split: a ``pipe:`` command contains spaces). Order is kept, duplicates dropped.
     """
-    # Imported here: the writer imports this module for its paths, and reading or writing output
-    # files (benchmarks on a bare GPU box) should need only torch, numpy, pillow and pyarrow.
-    from braceexpand import braceexpand
-
     if isinstance(specs, str):
         specs = [specs]
     urls: list[str] = []
@@ -110,58 +106,12 @@ def make_shards(specs: str | list[str] | tuple[str, ...]) -> list[Shard]:
     return shards
 
 
-# Paths below are pathlib.Path for local folders, storage.RemotePath for object stores.
-def parquet_path(out_dir: str | Path, sid: str) -> Path:
-    return storage.location(out_dir) / f"{sid}.parquet"
-
-
-# Everything that is not a Parquet data file lives in this folder, so that readers pointed at the
-# output folder see only data: pyarrow.dataset (and pandas, Ray Data through it) skip names
-# starting with "_" or ".", and Hugging Face datasets skips folders starting with "__" (a single
-# "_" is not enough for it: its stats files would outnumber the Parquet files and win the builder).
-META_DIR = "__painterbot__"
-
-
-def meta_dir(out_dir: str | Path) -> Path:
-    return storage.location(out_dir) / META_DIR
-
-
-def stats_path(out_dir: str | Path, sid: str) -> Path:
-    return meta_dir(out_dir) / f"{sid}_stats.json"
+def meta_dir(out_dir: str | Path) -> storage.AnyPath:
+    """The folder of the stats files; output_folder.py owns it, benchmarks/bench_pipeline.py imports it from here."""
+    return OutputFolder(out_dir).meta
 
 
 INCOMPLETE = "incomplete: its source failed part-way last time"
-
-
-def incomplete_path(out_dir: str | Path, sid: str) -> Path:
-    """Present while shard ``sid``'s files hold the rows of a source that failed part-way (not done)."""
-    return meta_dir(out_dir) / f"{sid}.incomplete"
-
-
-def temp_path(final: Path, tag: str) -> Path:
-    """A hidden sibling of ``final``: same filesystem (so the commit is atomic),
-    invisible to ``*.parquet`` globs, unique per attempt."""
-    return final.with_name(f".{final.name}.{tag}.tmp")
-
-
-def temp_files(out_dir: str | Path, sid: str) -> list[Path]:
-    """Leftovers of interrupted attempts at shard ``sid`` (one listing of each folder they may be in)."""
-    stats = stats_path(out_dir, sid)
-    found = [p for p in storage.location(out_dir).glob(".*.tmp") if p.name.startswith(f".{sid}.parquet.")]
-    found += [p for p in stats.parent.glob(".*.tmp") if p.name.startswith(f".{stats.name}.")]
-    return sorted(found, key=str)
-
-
-def clean_temp(out_dir: str | Path, sid: str) -> int:
-    """Delete leftovers of earlier attempts at ``sid``; only call it while no attempt runs."""
-    removed = 0
-    for path in temp_files(out_dir, sid):
-        try:
-            path.unlink()
-            removed += 1
-        except FileNotFoundError:
-            pass
-    return removed
 
 
 def check_done(out_dir: str | Path, sid: str) -> str | None:
@@ -171,7 +121,8 @@ def check_done(out_dir: str | Path, sid: str) -> str | None:
     can still be damaged later (a copy cut short, a full disk): the footer and
     the row count are checked, which reads a few KB per shard.
     """
-    stats_file, parquet = stats_path(out_dir, sid), parquet_path(out_dir, sid)
+    folder = OutputFolder(out_dir)
+    stats_file, parquet = folder.stats(sid), folder.parquet(sid)
     if not stats_file.is_file():
         return "no stats file"
     try:
@@ -207,29 +158,24 @@ def plan(shards: list[Shard], out_dir: str | Path, overwrite: bool = False,
     """
     # One listing per folder holding markers, not a request per shard: on an object store,
     # 100,000 existence checks would take longer than some runs.
-    markers = {s.id: (stats_path(out_dir, s.id), parquet_path(out_dir, s.id)) for s in shards}
-    present = storage.names_in({p.parent for pair in markers.values() for p in pair})
-
-    def exists(path) -> bool:
-        return path.name in present[str(path.parent)]
-
+    folder = OutputFolder(out_dir)
+    listed = folder.listing()
     if overwrite:
-        for stats, _ in markers.values():
-            if exists(stats):
-                stats.unlink(missing_ok=True)
+        for shard in shards:
+            if listed.has_stats(shard.id):
+                folder.stats(shard.id).unlink(missing_ok=True)
         return list(shards), []
     todo, done = [], []
     for shard in shards:
-        stats, parquet = markers[shard.id]
         # The listing rules out most shards at no cost; those with both files are verified.
-        if not exists(stats):
+        if not listed.has_stats(shard.id):
             why = "no stats file"
-        elif not exists(parquet):
-            why = f"{parquet.name} is missing"
-        elif exists(incomplete_path(out_dir, shard.id)):
+        elif not listed.has_parquet(shard.id):
+            why = f"{folder.parquet(shard.id).name} is missing"
+        elif listed.is_incomplete(shard.id):
             why = INCOMPLETE
-        elif isinstance(parquet, Path):
-            why = check_done(out_dir, shard.id)  # a few KB read per shard: local outputs only
+        elif not folder.is_remote:
+            why = check_done(folder.root, shard.id)  # a few KB read per shard: local outputs only
         else:
             # An object store: a request per shard would cost minutes for 100,000 shards, so resume
             # trusts the listing there (the incomplete marker is in it; the footer check is local-only).
@@ -238,38 +184,6 @@ def plan(shards: list[Shard], out_dir: str | Path, overwrite: bool = False,
         if why and redo is not None and why != "no stats file":
             redo[shard.id] = why
     return todo, done
-
-
-# -- the folder's settings ---------------------------------------------------------------
-SETTINGS_NAME = "settings.json"
-
-
-def settings_path(out_dir: str | Path) -> Path:
-    """The output folder's record of what shapes its rows (format version, strokes, size), in META_DIR."""
-    return meta_dir(out_dir) / SETTINGS_NAME
-
-
-def check_settings(out_dir: str | Path, wanted: dict, overwrite: bool) -> bool:
-    """Raise ValueError when the folder's rows were made with other settings; True if the file needs writing.
-
-    Rows of 20 and 30 strokes in one folder would make a dataset no loader can
-    batch; ``--overwrite`` replaces the listed shards and takes the new settings.
-    """
-    path = settings_path(out_dir)
-    try:
-        if not path.is_file():  # also an object store's missing key, which some stores report as OSError
-            return True
-        found = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{path} is unreadable ({exc}): fix or delete it") from None
-    if found == wanted:
-        return False
-    if overwrite:
-        return True
-    diff = ", ".join(f"{k} {found.get(k)!r} -> {wanted.get(k)!r}" for k in sorted(set(found) | set(wanted))
-                     if found.get(k) != wanted.get(k))  # fmt: skip
-    raise ValueError(f"{out_dir} holds rows made with other settings ({diff}); "
-                     "use --overwrite to redo the shards with the new ones, or a new --output folder")  # fmt: skip
 
 
 def missing_local(shards: list[Shard]) -> list[str]:

@@ -5,7 +5,7 @@ Three stages run at once inside a worker, joined by bounded queues::
     decode thread   ShardReader -> chunks of records holding <= batch_size fit-ready images,
                     their targets stacked into one (pinned, on CUDA) batch tensor
     main thread     encoder.fit_batch on each chunk's batch (the GPU's work)
-    writer thread   rows -> ShardWriter (Parquet row groups)
+    writer thread   rows -> the shard's output (writer.ShardOutput; by default ShardWriter's Parquet row groups)
 
 so the GPU never waits on JPEG decoding or Parquet encoding while the queues
 hold work. The driver wraps ``ShardEncoder`` in a Ray actor (one per GPU, or
@@ -31,7 +31,7 @@ from .reader import ShardReader
 from .records import FitResult, Record, Row, Status, Tally, is_out_of_memory
 from .redact import redact
 from .sources import ShardReadError
-from .writer import FORMAT_VERSION, ShardWriter, encoder_metadata
+from .writer import FORMAT_VERSION, ShardOutputFactory, ShardWriter, encoder_metadata
 
 _END = object()  # end of a stream between stages
 
@@ -138,8 +138,8 @@ class _Attempt:
         self.reader = ShardReader(url, fit.size, cfg.max_image_pixels, cfg.min_image_side, cfg.jpeg_draft,
                                   cfg.reader_threads, max_member_bytes=cfg.max_member_bytes,
                                   timeouts=cfg.timeouts())  # fmt: skip
-        self.writer = ShardWriter(out_dir, shard_id, fit.strokes, owner._file_metadata(url), cfg.row_group_size,
-                                  cfg.extra_columns)
+        self.writer = owner.writer_factory(out_dir, shard_id, fit.strokes, owner._file_metadata(url),
+                                           cfg.row_group_size, cfg.extra_columns)
         self.tally = Tally()
         self.fit_seconds = 0.0
         self.sample_errors: list[str] = []
@@ -230,8 +230,9 @@ class _Attempt:
         if self.source_error is None:
             return self.writer.commit(stats)
         if self.tally.images:
-            rows = self.writer.commit(stats)["rows"]
-            kept = f"; the {rows} rows read before it are kept in {self.writer.final.name}, marked incomplete"
+            committed = self.writer.commit(stats)
+            where = committed.get("parquet") or "the shard's output"
+            kept = f"; the {committed['rows']} rows read before it are kept in {where}, marked incomplete"
         else:
             self.writer.abort()
             kept = ""
@@ -279,11 +280,13 @@ class ShardEncoder:
 
     encoder_config: an ``encoder.FitConfig`` or its ``asdict``; device: where
     fit_batch runs; crash_once: a marker path for fault-injection tests (see
-    ``_maybe_crash``).
+    ``_maybe_crash``); writer_factory: opens each attempt's output (a
+    ``writer.ShardOutputFactory``; None: ``ShardWriter``, the Parquet file and its stats).
     """
 
     def __init__(self, encoder_config, pipeline_config: PipelineConfig | dict, device: str = "cpu",
-                 worker_id: str = "worker-0", metrics: bool = False, crash_once: str | None = None):  # fmt: skip
+                 worker_id: str = "worker-0", metrics: bool = False, crash_once: str | None = None,
+                 writer_factory: ShardOutputFactory | None = None):  # fmt: skip
         if isinstance(encoder_config, dict):
             encoder_config = encoder.FitConfig(**encoder_config)
         if isinstance(pipeline_config, dict):
@@ -293,6 +296,7 @@ class ShardEncoder:
         self.device = device
         self.worker_id = worker_id
         self.crash_once = crash_once
+        self.writer_factory = writer_factory or ShardWriter
         self._metrics = _Metrics(worker_id) if metrics else None
         self._lock = threading.Lock()
         self._current: _Attempt | None = None
@@ -313,7 +317,7 @@ class ShardEncoder:
 
     # -- one shard ---------------------------------------------------------------------
     def encode_shard(self, url: str, shard_id: str, out_dir: str, attempt: int = 1) -> dict:
-        """Encode every sample of one shard into ``out_dir/{shard_id}.parquet`` + stats; return the stats.
+        """Encode every sample of one shard into its output (``{shard_id}.parquet`` + stats); return the stats.
 
         Raises when the shard cannot be finished: ``ShardIncomplete`` when its
         source failed part-way (the rows read are committed, marked incomplete),

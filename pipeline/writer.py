@@ -4,9 +4,13 @@ Rows stream into a hidden temporary file row group by row group (a 10,000-image
 shard of 1000 strokes is 400 MB of floats: it is never held whole), and the file
 takes its final name once complete (``storage.commit``: an atomic rename locally,
 a server-side copy on an object store). The stats file is
-written the same way, after it: a reader that sees ``{id}_stats.json`` can trust
+written the same way, after it: a reader that sees a shard's stats file can trust
 ``{id}.parquet``; a reader that sees only ``{id}.parquet`` sees a complete
-file from this or an earlier run, never a partial one.
+file from this or an earlier run, never a partial one. The names are output_folder.py's.
+
+The worker writes through ``ShardOutput``, a three-method seam (``add``, ``commit``,
+``abort``) opened per attempt by a ``ShardOutputFactory``: ``ShardWriter`` by
+default; another output format or store implements those three methods.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import json
 import math
 import uuid
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -23,7 +28,7 @@ import pyarrow.parquet as pq
 from encoder import STROKE_FIELDS
 
 from . import storage
-from .shards import incomplete_path, parquet_path, stats_path, temp_path
+from .output_folder import OutputFolder, temp_path, write_json_atomic
 
 FORMAT_VERSION = "2"
 COLUMNS = ("key", "caption", "url", "width", "height", "original_width", "original_height", "sha256", "crop_box",
@@ -198,22 +203,6 @@ def rows_to_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_pydict(columns, schema=schema)
 
 
-def write_json_atomic(path: str | Path, data: dict) -> Path:
-    """Write JSON under a temporary sibling name, then commit it to ``path`` (local or object store)."""
-    path = storage.location(path)
-    path.parent.mkdir(parents=True, exist_ok=True)  # the output's __painterbot__ folder, on first use
-    tmp = temp_path(path, uuid.uuid4().hex[:12])
-    payload = (json.dumps(data, indent=2, sort_keys=True, default=str) + "\n").encode("utf-8")
-    try:
-        with storage.open_output(tmp) as handle:
-            handle.write(payload)
-        storage.commit(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
 class ParquetRowWriter:
     """Streams rows into a hidden temporary sibling of ``path``; ``commit`` renames it to ``path``.
 
@@ -264,30 +253,58 @@ class ParquetRowWriter:
         self.tmp.unlink(missing_ok=True)
 
 
+class ShardOutput(Protocol):
+    """Where one attempt at one shard puts its rows: the worker's writer seam.
+
+    The worker opens one per attempt through a ``ShardOutputFactory``, hands it
+    the rows in input order from one thread, then either commits it (the shard's
+    stats in, the stats as recorded out: at least ``rows``, the rows written) or
+    aborts it (any error: nothing may be left under a final name). A commit of
+    stats with ``complete: false`` keeps the rows of a source that failed
+    part-way, and must not read as done. ``ShardWriter`` is the Parquet one.
+    """
+
+    def add(self, rows: list[dict]) -> None: ...
+
+    def commit(self, stats: dict) -> dict: ...
+
+    def abort(self) -> None: ...
+
+
+class ShardOutputFactory(Protocol):
+    """Opens a ``ShardOutput`` for shard ``shard_id`` of output folder ``out_dir`` (``ShardWriter`` is one).
+
+    A factory travels to Ray workers, so it must pickle: a class or a module-level function.
+    """
+
+    def __call__(self, out_dir: str, shard_id: str, n_strokes: int, metadata: dict[str, str] | None = None,
+                 row_group_size: int = 256, extra_columns: dict[str, str] | None = None) -> ShardOutput: ...
+
+
 class ShardWriter(ParquetRowWriter):
-    """``{id}.parquet`` of one shard, then its stats file (the done marker), in that order."""
+    """``{id}.parquet`` of one shard, then its stats file (the done marker), in that order: a ``ShardOutput``."""
 
     def __init__(self, out_dir: str | Path, shard_id: str, n_strokes: int,
                  metadata: dict[str, str] | None = None, row_group_size: int = 256,
                  extra_columns: dict[str, str] | None = None):  # fmt: skip
-        self.out_dir = storage.location(out_dir)
+        self.folder = OutputFolder(out_dir)
         self.shard_id = shard_id
-        super().__init__(parquet_path(self.out_dir, shard_id), n_strokes, {"shard_id": shard_id, **(metadata or {})},
+        super().__init__(self.folder.parquet(shard_id), n_strokes, {"shard_id": shard_id, **(metadata or {})},
                          row_group_size, extra_columns)
 
     def commit(self, stats: dict) -> dict:  # type: ignore[override]
         """Finish the Parquet file, move it into place, then write the stats (the done marker).
 
-        Stats with ``complete: false`` (the source failed part-way) get an ``{id}.incomplete``
+        Stats with ``complete: false`` (the source failed part-way) get an incomplete
         marker first, which a listing shows: resume on an object store, which reads no stats
         file, still redoes the shard. A complete commit removes the marker, after its stats.
         """
-        marker = incomplete_path(self.out_dir, self.shard_id)
+        marker = self.folder.incomplete(self.shard_id)
         if stats.get("complete") is False:
             write_json_atomic(marker, {"shard_id": self.shard_id, "errors": stats.get("errors", [])})
         super().commit()
         stats = {**stats, "rows": self.rows, "parquet": self.final.name, "parquet_bytes": self.final.stat().st_size}
-        write_json_atomic(stats_path(self.out_dir, self.shard_id), stats)
+        write_json_atomic(self.folder.stats(self.shard_id), stats)
         if stats.get("complete") is not False:
             marker.unlink(missing_ok=True)
         return stats

@@ -23,7 +23,7 @@ from pipeline.columns import open_file
 from pipeline.dataset import StrokeDataset
 from pipeline.driver import RunOptions, run
 from pipeline.gallery import build_report
-from pipeline.shards import META_DIR, stats_path
+from pipeline.output_folder import META_DIR, OutputFolder
 from pipeline.stream import StrokeStream, collate_strokes
 from pipeline.tokenizer import BOS, EOS, GROUP, PAD, StrokeTokenizer
 from pipeline.writer import ParquetRowWriter
@@ -62,7 +62,9 @@ TYPED = {"AESTHETIC_SCORE": "float64", "pwatermark": "float64"}  # LAION's score
 def test_layout_keeps_bookkeeping_out_of_the_data(real_run):
     out = real_run["out"]
     assert sorted(p.name for p in out.iterdir()) == ["00000.parquet", "00001.parquet", META_DIR]
-    assert stats_path(out, "00000").is_file() and (out / META_DIR / "summary.json").is_file()
+    folder = OutputFolder(out)
+    assert folder.stats("00000").is_file() and folder.summary_path == out / META_DIR / "summary.json"
+    assert folder.summary_path.is_file()
 
 
 def test_pyarrow_dataset_reads_the_folder(real_run):
@@ -130,7 +132,7 @@ def test_img2dataset_fields_and_crop_are_kept(real_run):
     schema = pq.read_schema(real_run["out"] / "00000.parquet")
     assert schema.field("AESTHETIC_SCORE").type == pa.float64()
     # The typed columns shape the folder's schema, so the folder's settings record them.
-    settings = json.loads((real_run["out"] / META_DIR / "settings.json").read_text())
+    settings = json.loads(OutputFolder(real_run["out"]).settings_path.read_text())
     assert settings["extra_columns"] == TYPED
     w, h = first["width"], first["height"]
     side = min(w, h)

@@ -38,6 +38,14 @@ def test_pipeline_uses_only_the_encoder_package():
     assert not offenders, offenders
 
 
+def test_every_function_of_the_fit_is_under_50_lines():
+    """encoder/fit.py reads as a schedule of phases: a function that outgrows a screen is split, not grown."""
+    tree = ast.parse((ROOT / "encoder" / "fit.py").read_text(encoding="utf-8"))
+    long = [f"{node.name}: {node.end_lineno - node.lineno + 1} lines" for node in ast.walk(tree)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 >= 50]
+    assert not long, long
+
+
 def test_the_checker_sees_a_violation(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("import os\nfrom encoder.strokes import FIELDS\nimport pyarrow.parquet as pq\n")
@@ -81,3 +89,62 @@ def test_wheel_installed_outside_the_checkout_reads_its_presets(tmp_path):
     assert Path(where).is_relative_to(site), where  # the wheel's copy, not the checkout's
     assert values == "200 128 50 100"  # cpu_small's and fast's values from configs/, not the dataclass defaults
 
+
+
+# -- one owner of the output folder, the writer seam, the backends in their own module ----------------------
+# Names of files in the output folder: only pipeline/output_folder.py spells them.
+FOLDER_NAMES = ("__painterbot__", "_stats.json", ".incomplete", "settings.json", "summary.json", "driver.lock", ".tmp")
+# img2dataset writes its own {id}_stats.json beside each input tar: a name of the input's folder, not the output's.
+INPUT_SIDE = {("demo.py", "_stats.json"), ("shards.py", "_stats.json"), ("upstream.py", "_stats.json")}
+
+
+def _strings(path: Path) -> list[tuple[int, str]]:
+    """(line, text) of every string constant in a file but docstrings and other bare strings (f-string parts too)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    bare = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Expr)}
+    return [(node.lineno, node.value) for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in bare]
+
+
+def _defined(path: Path, kind) -> set[str]:
+    return {node.name for node in ast.parse(path.read_text(encoding="utf-8")).body if isinstance(node, kind)}
+
+
+def test_only_the_output_folder_module_spells_the_folder_s_names():
+    offenders = [f"{path.name}:{line}: {text!r}" for path in sorted((ROOT / "pipeline").rglob("*.py"))
+                 if path.name != "output_folder.py" for line, text in _strings(path)
+                 for name in FOLDER_NAMES if name in text and (path.name, name) not in INPUT_SIDE]
+    assert not offenders, offenders
+
+
+def test_the_output_folder_module_stands_on_storage_alone():
+    """Everything that touches the folder imports it; it imports no other pipeline module, so no cycle can form."""
+    relative = {name for level, name in _imports(ROOT / "pipeline" / "output_folder.py") if level}
+    assert relative <= {"", "storage"}, relative
+
+
+def test_readers_of_a_run_do_not_import_the_driver_or_the_backends():
+    """The gallery and the loaders read a folder; they need neither Ray nor the run's machinery."""
+    offenders = [f"{name}: {module}" for name in ("gallery.py", "columns.py", "dataset.py", "stream.py")
+                 for level, module in _imports(ROOT / "pipeline" / name)
+                 if module.split(".")[-1] in ("driver", "backends") or module.split(".")[0] == "ray"]
+    assert not offenders, offenders
+
+
+def test_the_backends_live_in_their_own_module():
+    assert not {name for name in _defined(ROOT / "pipeline" / "driver.py", ast.ClassDef) if name.endswith("Backend")}
+    assert {"LocalBackend", "RayBackend"} <= _defined(ROOT / "pipeline" / "backends.py", ast.ClassDef)
+
+
+def test_the_worker_opens_its_output_through_the_writer_seam():
+    """ShardEncoder takes a writer_factory (writer.ShardOutputFactory); it never builds a ShardWriter itself."""
+    calls = [node.lineno for node in ast.walk(ast.parse((ROOT / "pipeline" / "worker.py").read_text(encoding="utf-8")))
+             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "ShardWriter"]
+    assert not calls, calls
+
+
+def test_the_checkers_see_violations(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text('"""Writes __painterbot__/summary.json."""\nname = f"{sid}_stats.json"\nclass RayBackend: pass\n')
+    assert [text for _, text in _strings(bad)] == ["_stats.json"]  # the f-string's part, not the docstring
+    assert _defined(bad, ast.ClassDef) == {"RayBackend"}

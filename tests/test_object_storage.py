@@ -19,7 +19,8 @@ import pytest
 from pipeline import shards as S
 from pipeline import storage
 from pipeline.dataset import StrokeDataset, read_row
-from pipeline.writer import ShardWriter, write_json_atomic
+from pipeline.output_folder import OutputFolder, write_json_atomic
+from pipeline.writer import ShardWriter
 from pipeline_samples import (REPO, bad_samples, good_samples, sigkill_driver_when, tar_samples, tiny_config,
                               write_tar)  # fmt: skip
 
@@ -95,8 +96,9 @@ def test_writer_commits_whole_objects_and_resume_lists_once(s3):
 
     # A leftover temporary object (a killed attempt) is found and cleaned from one listing.
     client.put_object(Bucket=BUCKET, Key="unit/out/.00003.parquet.deadbeef.tmp", Body=b"partial")
-    assert [p.name for p in S.temp_files(out, "00003")] == [".00003.parquet.deadbeef.tmp"]
-    assert S.clean_temp(out, "00003") == 1 and not S.temp_files(out, "00003")
+    folder = OutputFolder(out)
+    assert [p.name for p in folder.temp_files("00003")] == [".00003.parquet.deadbeef.tmp"]
+    assert folder.clean_temp("00003") == 1 and not folder.temp_files("00003")
 
     # 400 shards, 300 of them done: the plan reads every marker from one listing.
     for i in range(300):
@@ -200,7 +202,7 @@ def test_any_fsspec_filesystem_and_local_uris_take_the_same_paths(s3, tmp_path):
     writer.commit({"total": 1})
     names = sorted(p.name for p in storage.location(out).iterdir())
     assert names == ["00007.parquet", "__painterbot__"]
-    assert [p.name for p in S.meta_dir(out).iterdir()] == ["00007_stats.json"]
+    assert [p.name for p in OutputFolder(out).meta.iterdir()] == ["00007_stats.json"]
     todo, done = S.plan(S.make_shards([f"{out}/0000{{6..7}}.tar"]), out)
     assert [s.id for s in todo] == ["00006"] and [s.id for s in done] == ["00007"]
     assert read_row(f"{out}/00007.parquet", "k")["status"] == "too_small"
@@ -240,5 +242,5 @@ def test_sources_open_object_store_shards_and_resume_sees_incomplete_shards(s3, 
     assert [s.id for s in todo] == ["00005"] and not done
     writer = ShardWriter(out, "00005", n_strokes=12)
     writer.commit({"total": 0, "complete": True})
-    assert not S.incomplete_path(out, "00005").exists()
+    assert not OutputFolder(out).incomplete("00005").exists()
     assert S.plan(S.make_shards([f"s3://{BUCKET}/src/00005.tar"]), out)[1]

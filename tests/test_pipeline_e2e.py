@@ -27,8 +27,7 @@ import torch
 
 from encoder.strokes import FIELDS, validate
 from pipeline.dataset import StrokeDataset
-from pipeline.driver import SUMMARY_NAME
-from pipeline.shards import META_DIR, settings_path, stats_path
+from pipeline.output_folder import OutputFolder
 from pipeline_samples import REPO, bad_samples, photo, run_encode, tiny_config, write_tar
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "immunohistochemistry"]
@@ -130,9 +129,9 @@ def test_every_sample_once_with_its_caption(run):
     assert run["first"].returncode == 0, run["first"].stderr[-4000:]
     out, inputs = run["out"], run["inputs"]
     assert sorted(_files(out)) == sorted(
-        [f"{i:05d}.parquet" for i in range(4)] + [f"{META_DIR}/{i:05d}_stats.json" for i in range(4)]
-        + [SUMMARY_NAME, f"{META_DIR}/settings.json"]
-    )  # no temporary file, no lock left behind
+        [f"{i:05d}.parquet" for i in range(4)] + [f"__painterbot__/{i:05d}_stats.json" for i in range(4)]
+        + ["__painterbot__/summary.json", "__painterbot__/settings.json"]
+    )  # no temporary file, no lock left behind: the layout users read (docs/output_schema.md)
     for sid in ("00000", "00001", "00002", "00003"):
         members = _readable_members(inputs / (f"{sid}.tar.gz" if sid == "00002" else f"{sid}.tar"))
         rows = _rows(out, sid)
@@ -155,7 +154,7 @@ def test_bad_samples_become_rows_with_messages(run):
         else:
             assert row["error_message"] and row["strokes"] is None and row["psnr"] is None
     assert rows[next(s["key"] for s in run["planted"] if s["caption"] is None)]["caption"] is None
-    stats = json.loads(stats_path(run["out"], "00001").read_text())
+    stats = json.loads(OutputFolder(run["out"]).stats("00001").read_text())
     assert stats["status_counts"]["decode_error"] == 3 and stats["status_counts"]["too_small"] == 1
     assert stats["status_counts"]["too_large"] == 1 and stats["status_counts"]["missing_image"] == 1
     assert len(stats["sample_errors"]) == stats["failed"] and not stats["errors"] and stats["complete"]
@@ -184,16 +183,17 @@ def test_ok_rows_hold_valid_strokes(run):
 
 def test_compressed_and_empty_shards_and_summary(run):
     out = run["out"]
-    gz = json.loads(stats_path(out, "00002").read_text())
+    folder = OutputFolder(out)
+    gz = json.loads(folder.stats("00002").read_text())
     assert gz["compression"] == "gzip" and gz["complete"] and gz["total"] == len(_rows(out, "00000")) > 0
-    empty = json.loads(stats_path(out, "00003").read_text())
+    empty = json.loads(folder.stats("00003").read_text())
     assert empty["total"] == 0 and pq.read_table(out / "00003.parquet").num_rows == 0 and not empty["errors"]
-    summary = json.loads((out / SUMMARY_NAME).read_text())
-    stats = [json.loads(stats_path(out, f"{i:05d}").read_text()) for i in range(4)]
+    summary = json.loads(folder.summary_path.read_text())
+    stats = [json.loads(folder.stats(f"{i:05d}").read_text()) for i in range(4)]
     assert summary["shards_encoded"] == 4 and summary["shards_failed"] == 0
     assert summary["images"] == sum(s["total"] for s in stats) and summary["ok"] == sum(s["ok"] for s in stats)
     assert all(s["complete"] and not s["errors"] for s in stats)
-    assert json.loads(settings_path(out).read_text()) == {"format_version": "2", "strokes": 10, "size": 32}
+    assert json.loads(folder.settings_path.read_text()) == {"format_version": "2", "strokes": 10, "size": 32}
     assert "PainterBot summary" in run["first"].stdout
     data = StrokeDataset(out)
     assert len(data) == summary["ok"] and data[0]["strokes"].shape == (10, 10)

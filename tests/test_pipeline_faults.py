@@ -14,8 +14,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.driver import SUMMARY_NAME, RunOptions, run
-from pipeline.shards import meta_dir, stats_path
+from pipeline.driver import RunOptions, run
+from pipeline.output_folder import OutputFolder
 from pipeline_samples import REPO, good_samples, sigkill_driver_when, tar_samples, tiny_config, write_tar
 
 
@@ -29,7 +29,7 @@ def _check_final_files(out: Path, tars: list[Path]) -> int:
     done = 0
     for tar in tars:
         sid = tar.stem
-        parquet, stats = out / f"{sid}.parquet", stats_path(out, sid)
+        parquet, stats = out / f"{sid}.parquet", OutputFolder(out).stats(sid)
         if parquet.exists():
             keys = pq.read_table(parquet, columns=["key"])["key"].to_pylist()
             assert keys == list(tar_samples(tar)), f"{parquet} is not complete"
@@ -48,7 +48,7 @@ def test_killed_driver_then_crashing_worker_still_ends_exactly_once(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # Kill once the first shard is committed and others are still being written.
     sigkill_driver_when(args, env, tmp_path / "killed.log",
-                        lambda: bool(list(meta_dir(out).glob("*_stats.json")) and list(out.glob(".*.tmp"))))
+                        lambda: bool(OutputFolder(out).stats_files() and list(out.glob(".*.tmp"))))
     done_before = _check_final_files(out, tars)  # nothing partial under a final name
     assert 1 <= done_before < len(tars)
     # Interrupted shards were written under hidden temporary names (the workers may have
@@ -64,10 +64,10 @@ def test_killed_driver_then_crashing_worker_still_ends_exactly_once(tmp_path):
     assert "worker died" in rerun.stderr
     assert _check_final_files(out, tars) == len(tars)  # every shard exactly once
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
-    summary = json.loads((out / SUMMARY_NAME).read_text())
+    summary = json.loads(OutputFolder(out).summary_path.read_text())
     assert summary["workers_replaced"] == 1 and summary["retries"] == 1 and summary["shards_failed"] == 0
     assert summary["shards_encoded"] == len(tars) - done_before
-    attempts = [json.loads(stats_path(out, t.stem).read_text())["attempt"] for t in tars]
+    attempts = [json.loads(OutputFolder(out).stats(t.stem).read_text())["attempt"] for t in tars]
     assert sorted(attempts)[-1] == 2
 
 
@@ -80,12 +80,13 @@ def test_a_shard_that_keeps_failing_is_retried_then_reported(tmp_path):
     options = RunOptions(shards=[str(tars[0]), str(missing)], output=str(out), config=str(config),
                          device="cpu", use_ray=False, progress=False)  # fmt: skip
     assert run(options) == 1
-    summary = json.loads((out / SUMMARY_NAME).read_text())
+    folder = OutputFolder(out)
+    summary = json.loads(folder.summary_path.read_text())
     assert summary["failed_shards"]["00009"]["attempts"] == 2  # 1 + max_retries
     assert "empty file" in summary["failed_shards"]["00009"]["error"]
-    assert stats_path(out, "00000").exists() and not stats_path(out, "00009").exists()
+    assert folder.stats("00000").exists() and not folder.stats("00009").exists()
     assert not list(out.glob(".*"))
     # The next run tries only the failed shard again.
     missing.write_bytes((tmp_path / "in" / "00000.tar").read_bytes())
     assert run(options) == 0
-    assert json.loads((out / SUMMARY_NAME).read_text())["shards_skipped"] == 1
+    assert json.loads(folder.summary_path.read_text())["shards_skipped"] == 1

@@ -41,7 +41,8 @@ from pipeline import driver as D
 from pipeline import shards as S
 from pipeline.config import load_pipeline_config
 from pipeline.driver import RunOptions, run
-from pipeline.lock import LOCK_NAME, LockHeld
+from pipeline.lock import LockHeld
+from pipeline.output_folder import OutputFolder
 from pipeline.reader import ShardReader, ShardReadError
 from pipeline.sources import Timeouts
 from pipeline.worker import ShardEncoder, ShardIncomplete
@@ -114,7 +115,7 @@ def test_1_unfetchable_sources_fail_and_a_rerun_gets_every_row(tmp_path, server)
               f"pipe:cat {tmp_path / 'nowhere' / '00002.tar'}"]  # fmt: skip
     options = _options(tmp_path, shards, pipeline={"max_retries": 1})
     assert run(options) == 1
-    summary = json.loads((tmp_path / "out" / D.SUMMARY_NAME).read_text())
+    summary = json.loads(OutputFolder(tmp_path / "out").summary_path.read_text())
     failed = summary["failed_shards"]
     assert sorted(failed) == ["00000", "00001", "00002"] and summary["shards_encoded"] == 0
     assert "HTTP 404" in failed["00000"]["error"] and failed["00000"]["attempts"] == 2
@@ -216,7 +217,7 @@ def test_3_a_damaged_shard_keeps_its_rows_marked_incomplete_until_it_reads_whole
     out = tmp_path / "out"
     with pytest.raises(ShardIncomplete, match="truncated.*kept in 00000.parquet, marked incomplete"):
         _encoder().encode_shard(str(tar), "00000", str(out))
-    stats = json.loads(S.stats_path(out, "00000").read_text())
+    stats = json.loads(OutputFolder(out).stats("00000").read_text())
     kept = _keys(out / "00000.parquet")
     assert 0 < len(kept) < len(samples) and kept == [s["key"] for s in samples][: len(kept)]
     assert stats["complete"] is False and stats["truncated"] and stats["rows"] == len(kept) and stats["errors"]
@@ -380,7 +381,7 @@ def test_6_bad_settings_are_one_error_line_before_anything_starts(tmp_path, caps
     tar = write_tar(tmp_path / "00000.tar", [])
     code, err = _main(["--shards", str(tar), "--output", str(tmp_path / "out"), "--config", str(config), *flags], capsys)
     assert code == 2 and err.startswith("error:") and message in err and len(err.strip().splitlines()) == 1, err
-    assert not ray.is_initialized() and not (tmp_path / "out" / LOCK_NAME).exists()
+    assert not ray.is_initialized() and not OutputFolder(tmp_path / "out").lock_path.exists()
 
 
 # -- 7: resume verifies what it skips and refuses to mix settings ------------------------------------------
@@ -398,7 +399,7 @@ def test_7_resume_redoes_a_damaged_shard_and_refuses_other_settings(tmp_path, ca
     with pytest.raises(ValueError, match=r"strokes 12 -> 30.*--overwrite.*new --output"):
         run(more)
     assert run(dataclasses.replace(more, overwrite=True)) == 0
-    assert json.loads(S.settings_path(out).read_text())["strokes"] == 30
+    assert json.loads(OutputFolder(out).settings_path.read_text())["strokes"] == 30
 
 
 # -- 8: one driver per output folder ------------------------------------------------------------------------
@@ -409,10 +410,11 @@ def test_8_a_second_driver_is_refused_and_a_stale_lock_is_taken_over(tmp_path):
     config = tiny_config(tmp_path / "tiny.yaml", batch_size=1)
     args = [sys.executable, str(REPO / "run_encode.py"), "--shards", str(tmp_path / "in"), "--output", str(out),
             "--config", str(config), "--device", "cpu", "--no-ray", "--no-progress"]  # fmt: skip
+    lock = OutputFolder(out).lock_path
     first = subprocess.Popen(args, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
-        while not (out / LOCK_NAME).exists() and time.time() < deadline and first.poll() is None:
+        while not lock.exists() and time.time() < deadline and first.poll() is None:
             time.sleep(0.02)
         # The second driver, on the same folder while the first encodes: refused at once, naming the first.
         with pytest.raises(LockHeld, match=rf"in use by another driver \(host {socket.gethostname()}, pid {first.pid}"):
@@ -424,18 +426,18 @@ def test_8_a_second_driver_is_refused_and_a_stale_lock_is_taken_over(tmp_path):
             first.kill()
     assert first.returncode == 0, err[-3000:]
     assert [_keys(out / f"{t.stem}.parquet") for t in tars] == [[f"s{i}{j:04d}" for j in range(3)] for i in range(2)]
-    assert not (out / LOCK_NAME).exists()
+    assert not lock.exists()
     # A driver that died (same host, its pid gone) left its lock: the next run takes it over.
     dead = subprocess.Popen(["true"])
     dead.wait()
-    (out / LOCK_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "started_at": "then"}))
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "started_at": "then"}))
     assert run(_options(tmp_path, tars[:1], output=out, overwrite=True)) == 0
-    assert not (out / LOCK_NAME).exists()
+    assert not lock.exists()
     # Another host's lock cannot be checked from here: refused, naming it; so is one being written.
-    (out / LOCK_NAME).write_text(json.dumps({"host": "elsewhere", "pid": 1, "started_at": "then"}))
+    lock.write_text(json.dumps({"host": "elsewhere", "pid": 1, "started_at": "then"}))
     with pytest.raises(LockHeld, match="host elsewhere, pid 1, started then"):
         run(_options(tmp_path, tars, output=out))
-    (out / LOCK_NAME).write_text("")
+    lock.write_text("")
     with pytest.raises(LockHeld, match="is empty"):
         run(_options(tmp_path, tars, output=out))
 
@@ -482,7 +484,7 @@ def test_9_sigterm_stops_like_ctrl_c_with_a_summary(tmp_path, where):
     proc = subprocess.Popen(args, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
-        while not list(S.meta_dir(out).glob("*_stats.json")) and time.time() < deadline and proc.poll() is None:
+        while not OutputFolder(out).stats_files() and time.time() < deadline and proc.poll() is None:
             time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
@@ -490,11 +492,11 @@ def test_9_sigterm_stops_like_ctrl_c_with_a_summary(tmp_path, where):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 143, err[-3000:]
-    summary = json.loads((out / D.SUMMARY_NAME).read_text())
+    summary = json.loads(OutputFolder(out).summary_path.read_text())
     assert summary["interrupted"] and summary["stopped_by"] == "SIGTERM"
     # A shard whose result was not collected before the signal is counted by the next run, not this one.
     assert summary["shards_encoded"] <= sum(S.is_done(out, f"{i:05d}") for i in range(6))
-    assert not list(out.glob(".*.tmp")) and not (out / LOCK_NAME).exists()
+    assert not list(out.glob(".*.tmp")) and not OutputFolder(out).lock_path.exists()
 
 
 def test_9_output_errors_are_one_line(tmp_path, capsys, monkeypatch):
@@ -505,14 +507,14 @@ def test_9_output_errors_are_one_line(tmp_path, capsys, monkeypatch):
     for output, message in ((tmp_path / "afile", "is a file"), ("/proc/painterbot-out", "cannot create")):
         code, err = _main([*base, "--output", str(output)], capsys)
         assert code == 2 and err.startswith("error:") and message in err and len(err.strip().splitlines()) == 1, err
-    real = D.write_json_atomic
+    real, summary = D.write_json_atomic, OutputFolder(tmp_path / "out").summary_path
 
     def full_disk_for_the_summary(path, data):
-        if str(path).endswith(D.SUMMARY_NAME):
+        if Path(str(path)).resolve() == summary.resolve():
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return real(path, data)
 
     monkeypatch.setattr(D, "write_json_atomic", full_disk_for_the_summary)
     code, err = _main([*base, "--output", str(tmp_path / "out")], capsys)
     assert code == 1 and err.strip().splitlines()[-1].startswith("error:") and "No space left" in err
-    assert not (tmp_path / "out" / LOCK_NAME).exists()
+    assert not OutputFolder(tmp_path / "out").lock_path.exists()

@@ -18,6 +18,7 @@ from encoder.strokes import FIELDS, validate
 from pipeline import shards as S
 from pipeline.config import load_pipeline_config
 from pipeline.dataset import StrokeDataset, read_row
+from pipeline.output_folder import META_DIR, OutputFolder, temp_path
 from pipeline.reader import SampleError, ShardReader, ShardReadError, decode_image
 from pipeline.worker import ShardEncoder
 from pipeline.writer import ShardWriter, make_schema
@@ -47,14 +48,15 @@ def test_plan_resume_and_overwrite(tmp_path):
     shards = S.make_shards([str(tmp_path / f"in/{i:05d}.tar") for i in range(3)])
     out = tmp_path / "out"
     out.mkdir()
+    folder = OutputFolder(out)
     ShardWriter(out, "00000", n_strokes=5).commit({"complete": True})
-    S.parquet_path(out, "00001").write_bytes(b"x")  # parquet without stats: killed before the marker
-    S.temp_path(S.parquet_path(out, "00002"), "abc").write_bytes(b"partial")
+    folder.parquet("00001").write_bytes(b"x")  # parquet without stats: killed before the marker
+    temp_path(folder.parquet("00002"), "abc").write_bytes(b"partial")
     todo, done = S.plan(shards, out)
     assert [s.id for s in todo] == ["00001", "00002"] and [s.id for s in done] == ["00000"]
-    assert S.clean_temp(out, "00002") == 1 and not S.temp_files(out, "00002")
+    assert folder.clean_temp("00002") == 1 and not folder.temp_files("00002")
     todo, done = S.plan(shards, out, overwrite=True)
-    assert len(todo) == 3 and not done and not S.stats_path(out, "00000").exists()
+    assert len(todo) == 3 and not done and not folder.stats("00000").exists()
 
 
 def test_pipeline_config_rejects_unknown_keys(tmp_path):
@@ -156,8 +158,8 @@ def test_writer_is_atomic_and_keeps_the_schema(tmp_path):
     assert not list(tmp_path.glob("*.parquet"))  # the partial file is invisible to *.parquet
     stats = writer.commit({"total": 3})
     assert final.exists() and not writer.tmp.exists() and stats["rows"] == 3
-    assert json.loads(S.stats_path(tmp_path, "00007").read_text())["rows"] == 3
-    assert [p.name for p in tmp_path.iterdir()] and all(p.suffix == ".parquet" or p.name == S.META_DIR for p in tmp_path.iterdir())
+    assert json.loads(OutputFolder(tmp_path).stats("00007").read_text())["rows"] == 3
+    assert [p.name for p in tmp_path.iterdir()] and all(p.suffix == ".parquet" or p.name == META_DIR for p in tmp_path.iterdir())
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     table = pq.read_table(final)
     assert table.column_names == ["key", "caption", "url", "width", "height", "original_width", "original_height",
