@@ -36,6 +36,8 @@ from .preflight import Setup, prepare
 from .records import Tally
 from .redact import redact
 from .shards import Shard, expected_samples, plan
+from .upstream import describe as describe_upstream
+from .upstream import upstream_counts
 from .writer import ShardOutputFactory
 
 
@@ -324,6 +326,8 @@ def _summary(setup: Setup, skipped: list[Shard], outcome: Outcome, started: floa
                            for sid, why in outcome.retried.items() if outcome.attempts[sid] > 1},  # fmt: skip
     }
     summary.update(outcome.report)  # a cluster: where the workers ran
+    # What img2dataset says of the URLs behind the shards: the ones that never became samples.
+    summary["upstream"] = upstream_counts([shard.url for shard in setup.shards])
     return summary
 
 
@@ -342,7 +346,10 @@ def _print_summary(s: dict) -> None:
         f"  time            {s['seconds']:.1f} s, {s['images_per_second'] or 0:.2f} images/s on {s['workers']} "
         f"{s['device']} worker(s)",
         f"  retries         {s['retries']} (workers replaced: {s['workers_replaced']})",
+        f"  upstream        {describe_upstream(s['upstream'])}",
     ]
+    for message, count in s["upstream"]["errors"][:3]:
+        lines.append(f"    {count} x {message}")
     for sid, info in s["failed_shards"].items():
         lines.append(f"  FAILED {sid}: {info['error']}")
     for sid, info in list(s.get("retried_shards", {}).items())[:10]:

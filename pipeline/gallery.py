@@ -38,6 +38,7 @@ from .output_folder import OutputFolder
 from .reader import IMAGE_EXTS, SampleError, ShardReader, decode_image
 from .records import Status
 from .redact import redact
+from .upstream import describe as describe_upstream
 
 MAX_FAILURES = 500  # failed rows listed; a run with more counts them in the stats
 
@@ -333,6 +334,7 @@ def build_report(out: str | Path, worst: int = 12, best: int = 12, thumb: int = 
     if lapse is not None:
         parts.append(_timelapse(lapse, photos.get((lapse["file"], lapse["key"])), big, frames))
     parts.append(_failures(failures, len(failed), stats, files))
+    parts.append(_upstream((summary or {}).get("upstream")))
     parts.append(f"<script>{JS}</script></body></html>")
     listed = {title: [r["key"] for r in rows] for title, rows in sections}
     return "".join(parts), listed
@@ -355,6 +357,20 @@ def _failures(failures: list[dict], total: int, stats: list[dict], files: list[s
                 f"<tbody>{rows}</tbody></table>")  # fmt: skip
     if shard_errors:
         out += f"<h3>Shard stream errors</h3><table><tr><th>shard</th><th>error</th></tr>{shard_rows}</table>"
+    return out
+
+
+def _upstream(upstream) -> str:
+    """img2dataset's own count of the URLs behind the shards (the summary's ``upstream``): the ones
+    that failed before they were samples have no row, so only its stats files account for them."""
+    if not isinstance(upstream, dict):
+        return ""
+    out = f"<h3>Before the shards: img2dataset</h3><p>{html.escape(describe_upstream(upstream))}</p>"
+    errors = [e for e in upstream.get("errors") or [] if isinstance(e, list) and len(e) == 2]
+    if errors:
+        body = "".join(f"<tr><td class=num>{html.escape(str(n))}</td><td class=err>{html.escape(redact(m))}</td></tr>"
+                       for m, n in errors)  # fmt: skip
+        out += f"<table><tr><th>URLs</th><th>img2dataset's message</th></tr>{body}</table>"
     return out
 
 

@@ -20,6 +20,7 @@ import encoder
 from . import storage
 from .config import PipelineConfig, load_pipeline_config
 from .output_folder import OutputFolder
+from .limits import check_limits
 from .redact import redact
 from .shards import Shard, make_shards, missing_local
 from .sources import check_url, local_path
@@ -176,6 +177,8 @@ def prepare(options: RunOptions) -> Setup:
     device, gpus = resolve_device(requested, options.gpus, local=address is None)
     if not options.use_ray and requested.startswith("cuda:"):
         device = requested  # in-process, a specific GPU may be named
+    cpu_workers = (cfg.workers if options.use_ray else 1) if device == "cpu" else None
+    check_limits(fit_config, cfg, device, local=address is None, workers=cpu_workers)
     out = _check_output(options.output)
     shards = _check_shards(options.shards, out)
     if address is not None:

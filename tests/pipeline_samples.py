@@ -4,6 +4,7 @@ Everything is made here from images bundled with scikit-image: no network.
 """
 from __future__ import annotations
 
+import http.server
 import io
 import json
 import os
@@ -12,6 +13,7 @@ import struct
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -207,3 +209,36 @@ def sigkill_driver_when(args: list, env: dict, log_path: Path, ready, poll: floa
                 driver.kill()
             time.sleep(1)
             kill_pids(sorted(helpers))
+
+
+class LocalServer:
+    """http.server on 127.0.0.1 in a thread, serving ``folder``: counts every request (``requests``);
+    ``broken`` makes it answer 404 (a source that recovers later); a query string (a token, a
+    signature) is not part of the file name, and any credential is taken."""
+
+    def __init__(self, folder: Path, broken: bool = False):
+        owner = self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def __init__(self, *args, **kw):
+                super().__init__(*args, directory=str(folder), **kw)
+
+            def do_GET(self):
+                owner.requests.append(self.path)
+                if owner.broken:
+                    self.send_error(404)
+                    return
+                self.path = self.path.split("?", 1)[0]
+                super().do_GET()
+
+            def log_message(self, *args):
+                pass
+
+        self.broken, self.requests = broken, []
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()

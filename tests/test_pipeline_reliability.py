@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import errno
 import gzip
-import http.server
 import io
 import json
 import os
@@ -46,7 +45,7 @@ from pipeline.output_folder import OutputFolder
 from pipeline.reader import ShardReader, ShardReadError
 from pipeline.sources import Timeouts
 from pipeline.worker import ShardEncoder, ShardIncomplete
-from pipeline_samples import REPO, TINY, descendants, encode, good_samples, kill_pids, tiny_config, write_tar
+from pipeline_samples import REPO, TINY, LocalServer, descendants, encode, good_samples, kill_pids, tiny_config, write_tar
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}  # subprocesses import this worktree
 
@@ -61,41 +60,11 @@ def _keys(path: Path) -> list[str]:
     return pq.read_table(path, columns=["key"])["key"].to_pylist()
 
 
-class _Server:
-    """http.server on 127.0.0.1 in a thread; ``broken`` makes it answer 404 (a source that recovers later)."""
-
-    def __init__(self, folder: Path):
-        owner = self
-
-        class Handler(http.server.SimpleHTTPRequestHandler):
-            def __init__(self, *args, **kw):
-                super().__init__(*args, directory=str(folder), **kw)
-
-            def do_GET(self):
-                owner.requests.append(self.path)
-                if owner.broken:
-                    self.send_error(404)
-                    return
-                super().do_GET()
-
-            def log_message(self, *args):
-                pass
-
-        self.broken, self.requests = True, []
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
 def server(tmp_path):
     www = tmp_path / "www"
     www.mkdir()
-    srv = _Server(www)
+    srv = LocalServer(www, broken=True)
     yield srv, www
     srv.close()
 

@@ -6,9 +6,7 @@
 """
 from __future__ import annotations
 
-import http.server
 import json
-import threading
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -20,42 +18,14 @@ from pipeline.driver import RunOptions, run
 from pipeline.gallery import build_report
 from pipeline.redact import redact
 from pipeline.stream import StrokeStream
-from pipeline_samples import good_samples, tiny_config, write_tar
-
-
-class _CountingServer:
-    """http.server on 127.0.0.1 serving ``folder``; counts every request, and takes any credential."""
-
-    def __init__(self, folder: Path):
-        owner = self
-        self.requests: list[str] = []
-
-        class Handler(http.server.SimpleHTTPRequestHandler):
-            def __init__(self, *args, **kw):
-                super().__init__(*args, directory=str(folder), **kw)
-
-            def do_GET(self):
-                owner.requests.append(self.path)
-                self.path = self.path.split("?", 1)[0]  # a token or a signature is not part of the file name
-                super().do_GET()
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+from pipeline_samples import LocalServer, good_samples, tiny_config, write_tar
 
 
 @pytest.fixture
 def server(tmp_path):
     www = tmp_path / "www"
     www.mkdir()
-    srv = _CountingServer(www)
+    srv = LocalServer(www)
     yield srv, www
     srv.close()
 
