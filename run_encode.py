@@ -10,21 +10,26 @@ check out are skipped. Flags override values of the config file (``encoder:``
 and ``pipeline:`` sections). Every setting, flag, path and shard is checked
 before anything starts: a problem is one ``error:`` line and exit status 2.
 Exit status: 0 all shards done, 1 some failed (or the disk failed), 2 usage
-error or the output folder in use by another run, 130 Ctrl-C, 143 SIGTERM.
+error or the output folder in use by another run, 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP.
 """
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
-import encoder
-from pipeline.config import DEFAULT_PRESET
+# Light imports only up here: the stop signals are taken over (main) before torch and Ray load,
+# so a Ctrl-C, SIGTERM or SIGHUP during the imports is an orderly stop too.
 from pipeline.redact import redact
+from pipeline.stopping import StopSignals
 
 DEFAULT_OUTPUT = "out"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    import encoder  # the presets' names for --help (loads torch)
+    from pipeline.config import DEFAULT_PRESET
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     io = p.add_argument_group("input and output")
     io.add_argument("--shards", nargs="+", metavar="SPEC",
@@ -103,6 +108,18 @@ def options_from_args(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
+    stop = StopSignals().install()
+    try:
+        return _main(argv, stop)
+    except KeyboardInterrupt:
+        stop.record(signal.SIGINT)  # Ctrl-C, unless the handler recorded another signal first
+        print(f"stopped by {stop.name} before the run started: nothing was written", file=sys.stderr)
+        return stop.exit_status
+    finally:
+        stop.uninstall()
+
+
+def _main(argv: list[str] | None, stop: StopSignals) -> int:
     args = parse_args(argv)
     from pipeline.lock import LockHeld
 
@@ -113,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         options = options_from_args(args)
         if args.demo:
             options = demo.prepare_demo(options)
-        code = run(options)
-        if args.demo:
+        code = run(options, stop)
+        if args.demo and not stop.stopped:
             demo.show_demo(options)
         return code
     except (ValueError, FileNotFoundError, LockHeld) as exc:

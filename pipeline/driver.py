@@ -13,13 +13,13 @@ lost workers come back where there is room.
 path and shard before anything starts (a ValueError is one ``error:`` line and exit 2),
 the output folder's lock is taken, the plan and the folder's settings are
 checked, a backend starts (backends.py: Ray, or the in-process worker),
-``Dispatcher`` hands shards out, and the summary is written. SIGTERM ends a run like Ctrl-C does.
+``Dispatcher`` hands shards out, and the summary is written. SIGTERM and SIGHUP end a run like
+Ctrl-C does (stopping.py).
 """
 from __future__ import annotations
 
 import signal
 import sys
-import threading
 import time
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
@@ -36,6 +36,7 @@ from .preflight import Setup, prepare
 from .records import Tally
 from .redact import redact
 from .shards import Shard, expected_samples, plan
+from .stopping import StopSignals
 from .upstream import describe as describe_upstream
 from .upstream import upstream_counts
 from .writer import ShardOutputFactory
@@ -112,26 +113,58 @@ class Progress:
 
 
 # -- the run -----------------------------------------------------------------------------
-def run(options: RunOptions) -> int:
-    """Encode every shard of ``options``: 0 when all are done, 1 when some failed, 130/143 when stopped."""
+def run(options: RunOptions, stop: StopSignals | None = None) -> int:
+    """Encode every shard of ``options``: 0 when all are done, 1 when some failed, 128 + the signal
+    (130, 143, 129) when stopped. ``stop``: the command's own handler, installed before its imports;
+    else one is installed here for the run."""
+    own = stop is None
+    stop = (stop or StopSignals()).install()
+    try:
+        return _run(options, stop)
+    except BaseException as exc:
+        if not stop.interrupted(exc):
+            raise
+        # Stopped before the output folder was locked: nothing of this run was written.
+        _log(f"stopped by {stop.name} before the run started: nothing was written")
+        return stop.exit_status
+    finally:
+        if own:
+            stop.uninstall()
+
+
+def _run(options: RunOptions, stop: StopSignals) -> int:
     started = time.time()
     setup = prepare(options)
     with OutputLock(setup.out):
-        todo, skipped = _plan(setup)
-        if not todo:
+        outcome, todo, skipped = Outcome(), None, []
+        try:
+            todo, skipped = _plan(setup)
+            if todo:
+                _encode(setup, todo, outcome, stop)
+        except BaseException as exc:
+            if not stop.interrupted(exc):
+                raise
+            _log(f"stopped by {stop.name}: finished shards are kept; rerun the same command to resume")
+        stop.defer()  # from here a signal is recorded: the summary is written and the lock released
+        if not todo and not stop.stopped:
             # Nothing to do: touch nothing, not even the summary, so a rerun is a no-op.
             _log("nothing to do")
             return 0
-        outcome = Outcome()
-        with StopSignals() as stop:
-            _encode(setup, todo, outcome, stop)
-        stopped_by = stop.received
-        summary = _summary(setup, skipped, outcome, started, stopped_by)
-        write_json_atomic(OutputFolder(setup.out).summary_path, summary)
+        summary = _write_summary(setup, skipped, outcome, started, stop)
     _print_summary(summary)
-    if stopped_by:
-        return 128 + stopped_by[0]
+    if stop.stopped:
+        return stop.exit_status
     return 1 if outcome.failed else 0
+
+
+def _write_summary(setup: Setup, skipped: list[Shard], outcome: Outcome, started: float, stop: StopSignals) -> dict:
+    """Write the summary; again if a signal came while it was written, so it names the signal."""
+    while True:
+        seen = list(stop.received)
+        summary = _summary(setup, skipped, outcome, started, seen)
+        write_json_atomic(OutputFolder(setup.out).summary_path, summary)
+        if stop.received == seen:
+            return summary
 
 
 def _plan(setup: Setup) -> tuple[list[Shard], list[Shard]]:
@@ -146,42 +179,6 @@ def _plan(setup: Setup) -> tuple[list[Shard], list[Shard]]:
     if todo and needs_writing:
         folder.write_settings(wanted)
     return todo, skipped
-
-
-class StopSignals:
-    """SIGTERM (a scheduler, ``kill``) stops the run as Ctrl-C does; ``received`` lists the signals.
-
-    ``ray.init`` installs its own SIGTERM handler (``sys.exit``, no summary), so
-    ``arm`` is called again once Ray has started.
-    """
-
-    def __init__(self):
-        self.received: list[int] = []
-        self.previous = None
-
-    def _stop(self, signum, frame):
-        if not self.received:  # once: a second signal must not break the summary being written
-            self.received.append(signum)
-            raise KeyboardInterrupt
-
-    def arm(self) -> None:
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._stop)
-
-    def __enter__(self) -> "StopSignals":
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.getsignal(signal.SIGTERM)
-        self.arm()
-        return self
-
-    def __exit__(self, kind, exc, tb) -> bool:
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
-        if kind is not None and issubclass(kind, KeyboardInterrupt):
-            self.received[:] = self.received or [signal.SIGINT]
-            _log("interrupted: finished shards are kept; rerun the same command to resume")
-            return True
-        return False
 
 
 @dataclass
