@@ -275,6 +275,8 @@ class Dispatcher:
     def _retry_or_fail(self, shard: Shard, why: str) -> None:
         attempts, why = self.outcome.attempts[shard.id], redact(why)
         self.outcome.retried.setdefault(shard.id, []).append(f"attempt {attempts}: {why}")
+        # The failed attempt's hidden temporary file goes now, not at the next attempt (there may be none).
+        self.folder.clean_temp(shard.id)
         if attempts <= self.cfg.max_retries:
             _log(f"shard {shard.id}: attempt {attempts} failed ({why}); retrying")
             self.queue.append(shard)

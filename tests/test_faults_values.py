@@ -87,3 +87,27 @@ def test_loaders_name_a_foreign_or_damaged_file_in_the_folder(tmp_path):
     for load in (lambda: StrokeDataset(str(out)), lambda: list(StrokeStream(str(out)))):
         with pytest.raises(ValueError, match=r"foreign\.parquet: not a readable Parquet file"):
             load()
+
+
+def test_a_failed_attempt_leaves_no_temporary_file(tmp_path):
+    """issue #25, 8: a worker that dies mid-shard leaves its hidden temporary Parquet file behind; the
+    driver removes it when the attempt fails, not when a later run retries the shard."""
+    import os
+    import subprocess
+    import sys
+
+    from pipeline_samples import REPO, write_tar
+
+    (tmp_path / "in").mkdir()
+    write_tar(tmp_path / "in" / "00000.tar", good_samples(4, size=32))
+    out = tmp_path / "out"
+    config = tiny_config(tmp_path / "tiny.yaml", batch_size=1, max_retries=0, row_group_size=1)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PAINTERBOT_CRASH_ONCE": str(tmp_path / "crashed")}
+    proc = subprocess.run([sys.executable, str(REPO / "run_encode.py"), "--shards", str(tmp_path / "in"),
+                           "--output", str(out), "--config", str(config), "--device", "cpu", "--gpus", "0",
+                           "--workers", "1", "--no-progress"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1 and (tmp_path / "crashed").exists(), proc.stderr[-3000:]
+    assert "worker died" in json.loads((out / "__painterbot__" / "summary.json").read_text())[
+        "failed_shards"]["00000"]["error"]
+    assert not list(out.glob(".*")), list(out.iterdir())
