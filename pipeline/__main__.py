@@ -203,8 +203,14 @@ def cmd_bench(args) -> int:
 def cmd_gallery(args) -> int:
     from .gallery import write_report
 
-    if not args.out.is_dir():
-        raise UsageError(f"{args.out} is not an output folder")
+    from . import storage
+
+    try:
+        is_folder = storage.location(args.out).is_dir()
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{redact(args.out)} cannot be read ({redact(exc)})") from None
+    if not is_folder:
+        raise UsageError(f"{redact(args.out)} is not an output folder")
     shards = None
     if args.shards:
         from .shards import expand_specs
@@ -252,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.set_defaults(func=cmd_bench)
 
     gallery = sub.add_parser("gallery", help="one self-contained HTML report of an output folder")
-    gallery.add_argument("out", type=Path, help="the output folder of run_encode.py")
+    gallery.add_argument("out", help="the output folder of run_encode.py: a path or an object-store URI (s3://...)")
     gallery.add_argument("-o", "--output", type=Path, default=Path("report.html"))
     gallery.add_argument("--worst", type=int, default=12, help="rows listed with the lowest PSNR")
     gallery.add_argument("--best", type=int, default=12, help="rows listed with the highest PSNR")

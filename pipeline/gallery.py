@@ -33,6 +33,7 @@ import torch
 
 import encoder
 
+from . import storage
 from .columns import encoder_size, file_metadata, open_file, parquet_files, table_rows
 from .output_folder import OutputFolder
 from .reader import IMAGE_EXTS, SampleError, ShardReader, decode_image
@@ -130,7 +131,7 @@ def _photos(files: list[str], chosen: list[dict], size: int, shards: list[str] |
     return found
 
 
-def _stats(out: Path) -> tuple[list[dict], dict | None]:
+def _stats(out) -> tuple[list[dict], dict | None]:
     folder, stats = OutputFolder(out), []
     for path in folder.stats_files():
         try:
@@ -280,8 +281,8 @@ def build_report(out: str | Path, worst: int = 12, best: int = 12, thumb: int = 
 
     ``shards``: the source shards to show the photos from (expanded as ``--shards`` is); the
     folder's own records never name what is read."""
-    out = Path(out)
-    files = parquet_files(out)
+    out = storage.location(out)  # a local folder or an object-store URI (s3://bucket/out)
+    files = parquet_files(str(out))
     listing = _listing(files)
     stats, summary = _stats(out)
     is_ok = pc.equal(listing["status"], Status.OK.value)
@@ -316,7 +317,7 @@ def build_report(out: str | Path, worst: int = 12, best: int = 12, thumb: int = 
                   ("images/s", f"{summary.get('images_per_second') or 0:.2f}")]  # fmt: skip
     size = encoder_size(open_file(files[0])) if files else 0
     parts = [f"<!doctype html><html><head><meta charset=utf-8><title>PainterBot run: {html.escape(str(out))}</title>"
-             f"<style>{CSS}</style></head><body><h1>PainterBot run</h1><p class=note>{html.escape(str(out.resolve()))}"
+             f"<style>{CSS}</style></head><body><h1>PainterBot run</h1><p class=note>{html.escape(redact(out.resolve() if isinstance(out, Path) else out))}"
              f" &middot; fitted at {size} px &middot; report made {datetime.now().isoformat(timespec='seconds')}</p>",
              "<div class=cards>" + "".join(f"<div class=card><b>{html.escape(str(v))}</b>{k}</div>" for k, v in cards)
              + "</div>",

@@ -184,6 +184,13 @@ def test_bucket_to_bucket_killed_and_resumed_then_loaded(s3, tmp_path):
     pattern = StrokeDataset(f"s3://{BUCKET}/e2e/out/*.parquet")
     assert [pattern[i]["key"] for i in range(len(pattern))] == [row["key"] for row in rows]
 
+    # The gallery reads the bucket too (issue #25, 13: it took the URI for a local path).
+    from pipeline.__main__ import main
+
+    assert main(["gallery", f"s3://{BUCKET}/e2e/out", "-o", str(tmp_path / "r.html"), "--thumb", "16"]) == 0
+    page = (tmp_path / "r.html").read_text()
+    assert f"s3://{BUCKET}/e2e/out" in page and "<svg" in page and "Timelapse" in page
+
 
 def test_subprocesses_import_this_checkout():
     """The runs above are only evidence for this code if their interpreter imports it."""
