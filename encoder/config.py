@@ -61,9 +61,12 @@ def read_preset(name_or_path: str | Path | None = None) -> dict:
     """The whole YAML document of a preset or config file, checked to be a mapping of sections."""
     path = preset_path(name_or_path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ValueError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    if data is None:
+        # An empty file is a mistake (a truncated copy, the wrong path), not "all defaults": say so.
+        raise ValueError(f"{path}: the config is empty; start from a copy of one in configs/ (e.g. configs/default.yaml)")
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a config must be a mapping with 'encoder:' and 'pipeline:' sections")
     unknown = sorted(set(data) - {"encoder", "pipeline"})

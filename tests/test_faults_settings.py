@@ -58,3 +58,10 @@ def test_sizes_no_machine_holds_are_refused(shard, tmp_path, capsys, flags, says
                     *flags], capsys)
     assert says in err, err
     assert not (tmp_path / "out").exists()  # nothing started: no folder, no lock
+
+
+def test_an_empty_config_file_is_refused(shard, tmp_path, capsys):
+    (tmp_path / "empty.yaml").write_text("# nothing here\n")
+    err = _refused(["--shards", shard, "--output", str(tmp_path / "out"), "--config", str(tmp_path / "empty.yaml"),
+                    "--device", "cpu"], capsys)
+    assert "empty.yaml: the config is empty" in err
