@@ -193,7 +193,8 @@ def _throughput_svg(stats: list[dict], width: int = 560, height: int = 180) -> s
             f'<text x="40" y="{height + 18}">0 s</text><text x="42" y="12">images committed</text>'
             f'<text x="{width / 2}" y="{height + 18}" text-anchor="middle">time since the first shard started</text>'
             f'<text x="{width - 20}" y="{height + 18}" text-anchor="end">{span:.0f} s</text></svg>'
-            f"<p class=note>{total} images in {span:.0f} s of wall time: {rate:.2f} images/s overall</p>")  # fmt: skip
+            f"<p class=note>{total} images in {span:.0f} s from the first shard's start to the last commit: {rate:.2f} images/s "
+            "(the run's own rate above also counts its start-up)</p>")  # fmt: skip
 
 
 # -- the report ----------------------------------------------------------------------------------------
@@ -229,6 +230,11 @@ function play() { if (timer) { clearInterval(timer); timer = null; return; }
 """
 
 
+def _colour_spread(row: dict) -> float:
+    strokes = np.asarray(row["strokes"], dtype=np.float32).reshape(-1, 10)
+    return float(strokes[:, 6:9].std()) if len(strokes) else 0.0
+
+
 def _image_cell(row: dict, photos: dict, size: int) -> str:
     photo = photos.get((row["file"], row["key"]))
     if isinstance(photo, str) or photo is None:
@@ -236,6 +242,9 @@ def _image_cell(row: dict, photos: dict, size: int) -> str:
     else:
         left = f'<img src="{_data_uri(photo.resize((size, size)))}" width="{size}" height="{size}" alt="photo {html.escape(row["key"])}">'
     right = f'<img src="{_data_uri(row["painting"])}" width="{size}" height="{size}" alt="painting {html.escape(row["key"])}">'
+    # A label under each picture: which is the photo and which the painting, without the header.
+    left = f"<figure>{left}<figcaption>photo</figcaption></figure>"
+    right = f"<figure>{right}<figcaption>painting, {len(row['strokes'])} strokes</figcaption></figure>"
     return f'<div class=pair data-key="{html.escape(row["key"])}">{left}{right}</div>'
 
 
@@ -296,11 +305,12 @@ def build_report(out: str | Path, worst: int = 12, best: int = 12, thumb: int = 
         sections = [(f"Worst {worst} by PSNR", ok.slice(0, worst).to_pylist()),
                     (f"Best {best} by PSNR", ok.slice(len(ok) - best).to_pylist()[::-1])]  # fmt: skip
     chosen = [r for _, rows in sections for r in rows]
-    picked = ok.filter(pc.equal(ok["key"], timelapse_key)) if timelapse_key else ok.slice(0, 0)
-    # Default: the median image, neither the best case nor the worst.
-    lapse = (picked if len(picked) else ok.slice(len(ok) // 2, 1)).to_pylist()[0] if len(ok) else None
-    shown = chosen + ([lapse] if lapse else [])
-    _fetch(files, shown, ["caption", "strokes", "background"])
+    picked = ok.filter(pc.equal(ok["key"], timelapse_key)).to_pylist() if timelapse_key else []
+    _fetch(files, chosen + picked, ["caption", "strokes", "background"])
+    # Default: of the listed images, the one whose strokes span the most colour: a stroke-by-stroke
+    # film of a dark or flat image (the Hubble deep field) shows little.
+    lapse = picked[0] if picked else max(chosen, key=_colour_spread, default=None)
+    shown = chosen + picked
     _fetch(files, failures, ["error_message"])
     for r in chosen:
         r["painting"] = _paint(r["strokes"], r["background"], thumb)
@@ -308,20 +318,21 @@ def build_report(out: str | Path, worst: int = 12, best: int = 12, thumb: int = 
     photos = _photos(files, shown, big, shards)
     missing = sum(1 for r in chosen if not hasattr(photos.get((r["file"], r["key"])), "save"))
 
-    total, psnrs = len(listing), ok["psnr"].to_numpy(zero_copy_only=False)
+    total, psnrs = len(listing), ok["psnr"].to_numpy(zero_copy_only=False).astype(np.float64)
+    # The same mean as the terminal's summary (float64, rounded to 0.01 dB), over every ok row here.
     cards = [("images", total), ("ok", len(ok)), ("failed", len(failed)),
-             ("mean PSNR", f"{np.mean(psnrs):.2f} dB" if len(psnrs) else "-"),
+             ("mean PSNR, ok rows", f"{np.mean(psnrs):.2f} dB" if len(psnrs) else "-"),
              ("files", len(files))]  # fmt: skip
     if summary:
-        cards += [("run seconds", f"{summary.get('seconds', 0):.0f}"), ("device", summary.get("device", "?")),
-                  ("images/s", f"{summary.get('images_per_second') or 0:.2f}")]  # fmt: skip
+        cards += [("seconds, last run", f"{summary.get('seconds', 0):.0f}"), ("device", summary.get("device", "?")),
+                  ("images/s, last run (start-up included)", f"{summary.get('images_per_second') or 0:.2f}")]  # fmt: skip
     size = encoder_size(open_file(files[0])) if files else 0
     parts = [f"<!doctype html><html><head><meta charset=utf-8><title>PainterBot run: {html.escape(str(out))}</title>"
              f"<style>{CSS}</style></head><body><h1>PainterBot run</h1><p class=note>{html.escape(redact(out.resolve() if isinstance(out, Path) else out))}"
              f" &middot; fitted at {size} px &middot; report made {datetime.now().isoformat(timespec='seconds')}</p>",
              "<div class=cards>" + "".join(f"<div class=card><b>{html.escape(str(v))}</b>{k}</div>" for k, v in cards)
              + "</div>",
-             "<div class=charts><div><h2>PSNR</h2>" + _histogram_svg(psnrs) + "</div><div><h2>Throughput</h2>"
+             "<div class=charts><div><h2>PSNR</h2>" + _histogram_svg(psnrs) + "</div><div><h2>Throughput</h2><p class=note>images committed over time, shard by shard (the fit alone runs faster: the stats files have each shard's fit_images_per_second)</p>"
              + _throughput_svg(stats) + "</div></div>"]  # fmt: skip
     if missing and not shards:
         parts.append("<p class=note>Paintings only: the photos are read from the source shards given with "

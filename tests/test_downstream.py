@@ -358,3 +358,34 @@ def test_typed_columns_take_any_json_value_without_failing_the_shard():
     assert (table[1]["score"], table[1]["count"], table[1]["flag"], table[1]["tag"], table[1]["extra"]) == \
         (3.0, 5, True, "a", None)
     assert np.isnan(table[2]["score"]) and table[2]["count"] is None and "count" in json.loads(table[2]["extra"])
+
+
+def test_gallery_labels_each_picture_and_explains_its_numbers(real_run, tmp_path):
+    """issue #26, 6: a label under each picture, the rates named, the terminal's mean PSNR, and a
+    timelapse of a colourful image rather than the darkest one. Also as a user sees it: the page
+    opened in headless Chromium (when the machine has it), screenshot taken."""
+    import shutil
+    import subprocess
+
+    shards = [str(real_run["tmp"] / "in" / "00000.tar"), str(real_run["tmp"] / "in" / "00001.tar")]
+    page, listed = build_report(real_run["out"], thumb=48, frames=4, shards=shards)
+    assert page.count("<figcaption>photo</figcaption>") == page.count("<figcaption>painting, ") == len(pairs := _pairs(page))
+    assert pairs and "images/s, last run (start-up included)" in page and "mean PSNR, ok rows" in page
+    summary = json.loads((real_run["out"] / "__painterbot__" / "summary.json").read_text())
+    assert f"{summary['mean_psnr']:.2f} dB" in page
+    lapse = re.search(r"<h2>Timelapse: ([^ ]+) ", page).group(1)
+    assert lapse in {k for keys in listed.values() for k in keys}
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no Chromium on this machine: the page was checked as text only")
+    report = tmp_path / "report.html"
+    report.write_text(page)
+    shot = tmp_path / "report.png"
+    proc = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                           f"--screenshot={shot}", "--window-size=1300,2200", report.as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and shot.stat().st_size > 10_000, proc.stderr[-2000:]
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
+    assert pixels.std() > 10  # the browser painted the page: photos, paintings, charts, not a blank sheet
