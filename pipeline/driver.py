@@ -213,7 +213,7 @@ def _encode(setup: Setup, todo: list[Shard], outcome: Outcome, stop: StopSignals
                 pass
             backend.shutdown()
         for _, shard in (dispatcher.inflight.values() if dispatcher else ()):
-            OutputFolder(setup.out).clean_temp(shard.id)  # interrupted attempts (their workers are gone, or going)
+            _clean_temp(OutputFolder(setup.out), shard)  # interrupted attempts (their workers are gone, or going)
 
 
 class Dispatcher:
@@ -249,7 +249,13 @@ class Dispatcher:
         while self.idle and self.queue:
             slot, shard = self.idle.pop(0), self.queue.popleft()
             self.outcome.attempts[shard.id] += 1
-            self.folder.clean_temp(shard.id)  # leftovers of a killed attempt; none is running now (the lock)
+            # Leftovers of a killed attempt; none is running now (the lock). A store that cannot even
+            # be listed fails this attempt, like any failure of the shard, never the whole run.
+            trouble = _clean_temp(self.folder, shard)
+            if trouble:
+                self.idle.insert(0, slot)
+                self._retry_or_fail(shard, trouble)
+                continue
             self.inflight[self.backend.submit(slot, shard, self.out, self.outcome.attempts[shard.id])] = (slot, shard)
 
     def _collect(self, handle) -> None:
@@ -276,7 +282,7 @@ class Dispatcher:
         attempts, why = self.outcome.attempts[shard.id], redact(why)
         self.outcome.retried.setdefault(shard.id, []).append(f"attempt {attempts}: {why}")
         # The failed attempt's hidden temporary file goes now, not at the next attempt (there may be none).
-        self.folder.clean_temp(shard.id)
+        _clean_temp(self.folder, shard)
         if attempts <= self.cfg.max_retries:
             _log(f"shard {shard.id}: attempt {attempts} failed ({why}); retrying")
             self.queue.append(shard)
@@ -289,6 +295,15 @@ class Dispatcher:
         # An answer about a shard the slot no longer holds (it just finished) would count twice.
         live = self.backend.progress(list(current))
         self.progress.update({slot: p for slot, p in live.items() if p.get("shard") == current.get(slot)})
+
+
+def _clean_temp(folder: OutputFolder, shard: Shard) -> str | None:
+    """Remove a shard's temporary files; the store's error as a reason, or None."""
+    try:
+        folder.clean_temp(shard.id)
+    except OSError as exc:  # an object store out of reach, a folder gone read-only
+        return f"the output could not be listed or cleaned: {type(exc).__name__}: {exc}"
+    return None
 
 
 def _summary(setup: Setup, skipped: list[Shard], outcome: Outcome, started: float, stopped_by: list[int]) -> dict:

@@ -111,3 +111,30 @@ def test_a_failed_attempt_leaves_no_temporary_file(tmp_path):
     assert "worker died" in json.loads((out / "__painterbot__" / "summary.json").read_text())[
         "failed_shards"]["00000"]["error"]
     assert not list(out.glob(".*")), list(out.iterdir())
+
+
+def test_an_output_store_that_cannot_be_listed_fails_the_shards_it_touches(tmp_path, monkeypatch):
+    """issue #25, 11: the store failing under the driver's listing is a failure of that shard,
+    retried like any other, then reported in a summary; the run goes on with the other shards."""
+    from pipeline.output_folder import OutputFolder
+    from pipeline_samples import write_tar
+
+    (tmp_path / "in").mkdir()
+    for i in range(3):
+        write_tar(tmp_path / "in" / f"{i:05d}.tar", good_samples(1, prefix=f"s{i}", size=32))
+    real = OutputFolder.clean_temp
+
+    def outage_for_00001(self, sid):
+        if sid == "00001":
+            raise OSError("When listing objects under key 'out/': AWS Error NETWORK_CONNECTION")
+        return real(self, sid)
+
+    monkeypatch.setattr(OutputFolder, "clean_temp", outage_for_00001)
+    out = tmp_path / "out"
+    options = RunOptions(shards=[str(tmp_path / "in")], output=str(out), progress=False, use_ray=False,
+                         config=str(tiny_config(tmp_path / "tiny.yaml", max_retries=1)), device="cpu")
+    assert run(options) == 1
+    summary = json.loads((out / "__painterbot__" / "summary.json").read_text())
+    assert summary["shards_encoded"] == 2 and list(summary["failed_shards"]) == ["00001"]
+    failed = summary["failed_shards"]["00001"]
+    assert failed["attempts"] == 2 and "could not be listed" in failed["error"]
