@@ -1,4 +1,5 @@
-"""Every check before anything starts: settings, flags, the output folder, the shards, the Ray address.
+"""Every check before anything starts: settings, flags, the output folder (its settings too), the shards, the Ray
+address.
 
 ``prepare`` turns the parsed options into a ``Setup`` or raises ValueError on
 the first problem, before Ray, the lock or any worker exists, so a bad value
@@ -19,12 +20,12 @@ import encoder
 
 from . import storage
 from .config import PipelineConfig, load_pipeline_config
-from .output_folder import OutputFolder
+from .output_folder import OutputFolder, access_denied, is_access_denied
 from .limits import check_limits
 from .redact import redact
 from .shards import Shard, make_shards, missing_local
 from .sources import check_url, local_path
-from .writer import FORMAT_VERSION
+from .writer import FORMAT_VERSION, file_settings
 
 if TYPE_CHECKING:
     from .driver import RunOptions
@@ -108,6 +109,8 @@ def _check_output(output: str) -> str:
         try:
             folder.root.mkdir(parents=True, exist_ok=True)
         except (OSError, ValueError) as exc:
+            if is_access_denied(exc):  # wrong or missing credentials: not the bucket's fault
+                raise ValueError(redact(access_denied(folder, exc))) from None
             raise ValueError(f"cannot use the output {redact(output)}: {redact(exc)}") from None
         return str(folder)
     out = folder.root.resolve()
@@ -143,6 +146,31 @@ def _check_shards(specs: list[str], out: str) -> list[Shard]:
         # img2dataset keeps its own {id}.parquet (url metadata) beside each {id}.tar.
         raise ValueError(f"--output {out} holds input shards: its {{id}}.parquet files would be overwritten")
     return shards
+
+
+# Footers read to learn the settings of a remote folder that has no settings file: a request or two each.
+REMOTE_FOOTERS = 16
+
+
+def _check_folder(setup: Setup) -> None:
+    """The output folder's settings (its settings file, or its files' footers when it has none) against the run's,
+    and ``--overwrite`` only over a PainterBot output folder."""
+    folder = OutputFolder(setup.out)
+    overwrite = setup.options.overwrite
+    try:
+        if overwrite:
+            foreign = folder.foreign_names()
+            if foreign:
+                shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+                raise ValueError(f"--overwrite: {redact(folder)} holds files that are not a PainterBot output "
+                                 f"folder's ({shown}); --overwrite replaces an output folder's shards, so it is "
+                                 "refused here: pick a new or empty --output folder, or move those files out")
+        folder.check_settings(setup.row_settings(), overwrite, file_settings=file_settings,
+                              limit=REMOTE_FOOTERS if folder.is_remote else None)  # fmt: skip
+    except OSError as exc:  # a listing or a footer the store refused
+        if is_access_denied(exc):
+            raise ValueError(redact(access_denied(folder, exc))) from None
+        raise ValueError(f"cannot read the output folder {redact(folder)}: {redact(exc)}") from None
 
 
 @dataclass
@@ -181,6 +209,8 @@ def prepare(options: RunOptions) -> Setup:
     check_limits(fit_config, cfg, device, local=address is None, workers=cpu_workers)
     out = _check_output(options.output)
     shards = _check_shards(options.shards, out)
+    setup = Setup(options, fit_config, cfg, out, shards, device, gpus, address)
+    _check_folder(setup)  # its row settings do not depend on the device settled below
     if address is not None:
         check_ray_address(address, cfg.connect_timeout)
         if requested == "auto" and options.gpus is None and device == "cpu":
@@ -188,5 +218,5 @@ def prepare(options: RunOptions) -> Setup:
 
             if cluster_gpus(address):
                 device = "cuda"  # a head node without a GPU still drives GPU workers on the others
-    fit_config = dataclasses.replace(fit_config, device=device)
-    return Setup(options, fit_config, cfg, out, shards, device, gpus, address)
+    setup.device, setup.fit_config = device, dataclasses.replace(fit_config, device=device)
+    return setup

@@ -7,8 +7,9 @@ fsspec scheme, see storage.py), with img2dataset's brace ranges
 URI. A shard's id is the stem of its tar, so its ``{id}.parquet`` sits beside
 the input's own ``{id}.tar`` naming, and its stats file (written last, names in
 output_folder.py) says the shard is done, once checked: the stats say the
-source was read whole, and the Parquet footer is readable and holds as many
-rows as the stats.
+source was read whole, and the Parquet footer is readable, holds as many
+rows as the stats, names that shard's source and records the folder's settings
+(local outputs; an object store's resume trusts its listing).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from braceexpand import braceexpand
 
 from . import storage
 from .output_folder import OutputFolder
+from .redact import redact
 from .sources import local_path, scheme
 
 TAR_SUFFIXES = (".tar.gz", ".tar.zst", ".tar.bz2", ".tar.xz", ".tgz", ".tar")
@@ -114,12 +116,33 @@ def meta_dir(out_dir: str | Path) -> storage.AnyPath:
 INCOMPLETE = "incomplete: its source failed part-way last time"
 
 
-def check_done(out_dir: str | Path, sid: str) -> str | None:
-    """None when shard ``sid`` is done; otherwise why not (no stats file, incomplete, damaged Parquet file).
+def same_source(recorded: str | None, url: str) -> bool:
+    """Whether a file's recorded source (its footer's ``painterbot.source``) names shard source ``url``.
+
+    Both are compared redacted, so a rerun whose URL carries a new token still matches; local paths are
+    compared made absolute (``file:`` or not, ``./`` or not).
+    """
+    if recorded is None:
+        return False
+    mine, theirs = redact(url), redact(recorded)
+    if mine == theirs:
+        return True
+    mine_path, their_path = local_path(mine), local_path(theirs)
+    if mine_path is None or their_path is None:
+        return False
+    return os.path.abspath(mine_path) == os.path.abspath(their_path)
+
+
+def check_done(out_dir: str | Path, sid: str, source: str | None = None, settings: dict | None = None) -> str | None:
+    """None when shard ``sid`` is done; otherwise why not (no stats file, incomplete, damaged Parquet file,
+    another shard's or another source's rows, rows of other settings).
 
     The stats file is written after the Parquet file is in place, but a file
-    can still be damaged later (a copy cut short, a full disk): the footer and
-    the row count are checked, which reads a few KB per shard.
+    can still be damaged or replaced later (a copy cut short, a full disk, another
+    shard's file copied over it): the footer is read (a few KB per shard), its
+    row count checked against the stats and its shard id against ``sid``; with
+    ``source`` (the shard's url) its recorded source (``same_source``), and with
+    ``settings`` (the folder's) the settings it records (``writer.file_settings``).
     """
     folder = OutputFolder(out_dir)
     stats_file, parquet = folder.stats(sid), folder.parquet(sid)
@@ -135,12 +158,33 @@ def check_done(out_dir: str | Path, sid: str) -> str | None:
         return INCOMPLETE
     import pyarrow.parquet as pq
 
+    from .writer import META_PREFIX, file_settings
+
     try:
-        rows = pq.read_metadata(storage.open_input_file(parquet)).num_rows
+        footer = pq.read_metadata(storage.open_input_file(parquet))
+        schema = footer.schema.to_arrow_schema()
     except Exception as exc:  # noqa: BLE001 - missing, cut short, not Parquet: all mean redo
         return f"{parquet.name} is missing or unreadable ({type(exc).__name__}: {exc})"
-    if rows != stats.get("rows"):
-        return f"{parquet.name} holds {rows} rows, its stats file says {stats.get('rows')}"
+    if footer.num_rows != stats.get("rows"):
+        return f"{parquet.name} holds {footer.num_rows} rows, its stats file says {stats.get('rows')}"
+    meta = {k.decode("utf-8", "replace"): v.decode("utf-8", "replace") for k, v in (schema.metadata or {}).items()}
+    recorded, recorded_id = meta.get(f"{META_PREFIX}source"), meta.get(f"{META_PREFIX}shard_id")
+    if source is not None and recorded is not None and not same_source(recorded, source):
+        return f"{parquet.name} was made from {redact(recorded)}, not from this run's {redact(source)}"
+    if recorded_id is not None and recorded_id != sid:
+        return f"{parquet.name} holds the rows of shard {recorded_id}"
+    if source is not None and recorded is None and recorded_id is None:
+        # Every file the pipeline writes records its source; one written without (a writer given no
+        # metadata) must at least name the shard.
+        return f"{parquet.name} names neither a source nor a shard"
+    if settings is not None:
+        found = file_settings(schema)
+        if found is None:
+            return f"{parquet.name} is not a PainterBot file"
+        if found != settings:
+            differ = ", ".join(f"{k} {found.get(k)!r} where the folder's is {settings.get(k)!r}"
+                               for k in sorted(set(found) | set(settings)) if found.get(k) != settings.get(k))
+            return f"{parquet.name} holds rows made with other settings than the folder's ({differ})"
     return None
 
 
@@ -155,6 +199,11 @@ def plan(shards: list[Shard], out_dir: str | Path, overwrite: bool = False,
     With ``overwrite`` every stats marker is removed first, so an overwrite run
     that is interrupted is finished by a plain rerun instead of leaving old and
     new shards mixed under the same markers.
+
+    On a local output a listed shard is done only once ``check_done`` passed: its
+    footer names the shard's source and records the folder's settings (its settings
+    file, checked against the run's before; a folder without one had its footers
+    checked against the run's instead: ``OutputFolder.check_settings``).
     """
     # One listing per folder holding markers, not a request per shard: on an object store,
     # 100,000 existence checks would take longer than some runs.
@@ -166,6 +215,7 @@ def plan(shards: list[Shard], out_dir: str | Path, overwrite: bool = False,
                 folder.stats(shard.id).unlink(missing_ok=True)
         return list(shards), []
     todo, done = [], []
+    settings: list[dict | None] = []  # the folder's, read once, when the first shard needs verifying
     for shard in shards:
         # The listing rules out most shards at no cost; those with both files are verified.
         if not listed.has_stats(shard.id):
@@ -175,7 +225,10 @@ def plan(shards: list[Shard], out_dir: str | Path, overwrite: bool = False,
         elif listed.is_incomplete(shard.id):
             why = INCOMPLETE
         elif not folder.is_remote:
-            why = check_done(folder.root, shard.id)  # a few KB read per shard: local outputs only
+            if not settings:
+                settings.append(folder.read_settings())
+            # a few KB read per shard: local outputs only
+            why = check_done(folder.root, shard.id, source=shard.url, settings=settings[0])
         else:
             # An object store: a request per shard would cost minutes for 100,000 shards, so resume
             # trusts the listing there (the incomplete marker is in it; the footer check is local-only).

@@ -91,6 +91,33 @@ def encoder_metadata(config) -> dict[str, str]:
     return {"encoder_config": json.dumps(dataclasses.asdict(config), sort_keys=True, default=str)}
 
 
+def file_settings(schema: pa.Schema) -> dict | None:
+    """The row settings a file's footer records, in the shape of the folder's settings file; None when the file is not
+    PainterBot's (no ``painterbot.n_strokes``).
+
+    The format version, the stroke count, the fit size and the typed extra columns (name -> the alias
+    ``pipeline.extra_columns`` takes) are what make rows of two files batch together; resume compares them
+    with the folder's, and a folder that lost its settings file takes them from here.
+    """
+    meta = {k.decode("utf-8", "replace"): v.decode("utf-8", "replace") for k, v in (schema.metadata or {}).items()}
+    strokes = meta.get(f"{META_PREFIX}n_strokes")
+    if strokes is None:
+        return None
+    try:
+        size = json.loads(meta.get(f"{META_PREFIX}encoder_config") or "{}").get("size")
+    except (ValueError, AttributeError):
+        size = None
+    settings = {"format_version": meta.get(f"{META_PREFIX}format_version", "1"),
+                "strokes": int(strokes) if strokes.isdigit() else strokes, "size": size}  # fmt: skip
+    extra = {f.name: _TYPE_ALIASES.get(str(f.type), str(f.type)) for f in schema if f.name not in COLUMNS}
+    if extra:
+        settings["extra_columns"] = extra
+    return settings
+
+
+_TYPE_ALIASES = {"double": "float64"}  # Arrow's name of a type -> the alias pipeline.extra_columns spells it with
+
+
 def center_crop_box(width: int | None, height: int | None) -> list[float] | None:
     """The square the fit target was cut from, ``[left, top, right, bottom]`` in the image's pixels.
 
