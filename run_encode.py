@@ -107,7 +107,10 @@ def options_from_args(args: argparse.Namespace):
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, exiting: bool = False) -> int:
+    """The command. ``exiting``: the process ends when this returns (``python run_encode.py``): a
+    signal after the run's last write is then ignored rather than killing the process, so the exit
+    status is the run's."""
     stop = StopSignals().install()
     try:
         return _main(argv, stop)
@@ -116,7 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stopped by {stop.name} before the run started: nothing was written", file=sys.stderr)
         return stop.exit_status
     finally:
-        stop.uninstall()
+        if exiting:
+            stop.defer()
+        else:
+            stop.uninstall()
 
 
 def _main(argv: list[str] | None, stop: StopSignals) -> int:
@@ -145,4 +151,4 @@ def _main(argv: list[str] | None, stop: StopSignals) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(exiting=True))
