@@ -4,6 +4,7 @@ Everything is made here from images bundled with scikit-image: no network.
 """
 from __future__ import annotations
 
+import contextlib
 import http.server
 import io
 import json
@@ -242,3 +243,23 @@ class LocalServer:
     def close(self):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+@contextlib.contextmanager
+def environment(values: dict):
+    """``os.environ`` with ``values`` set, restored after; the storage filesystems (cached per process,
+    built from the environment's endpoint and credentials) are rebuilt on both sides."""
+    from pipeline import storage
+
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    storage._make_store.cache_clear()
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        storage._make_store.cache_clear()

@@ -364,7 +364,6 @@ def test_gallery_labels_each_picture_and_explains_its_numbers(real_run, tmp_path
     """issue #26, 6: a label under each picture, the rates named, the terminal's mean PSNR, and a
     timelapse of a colourful image rather than the darkest one. Also as a user sees it: the page
     opened in headless Chromium (when the machine has it), screenshot taken."""
-    import shutil
     import subprocess
 
     shards = [str(real_run["tmp"] / "in" / "00000.tar"), str(real_run["tmp"] / "in" / "00001.tar")]

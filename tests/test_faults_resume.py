@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -21,10 +20,9 @@ import pytest
 
 import run_encode
 from pipeline import shards as S
-from pipeline import storage
 from pipeline.driver import RunOptions, run
 from pipeline.output_folder import OutputFolder
-from pipeline_samples import LocalServer, good_samples, tiny_config, write_tar
+from pipeline_samples import LocalServer, environment, good_samples, tiny_config, write_tar
 
 
 def _options(tmp_path: Path, shards, output: Path | str, **kw) -> RunOptions:
@@ -172,26 +170,17 @@ def denying_s3():
     endpoint = f"http://{host}:{port}"
     env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_ENDPOINT_URL": endpoint, "AWS_EC2_METADATA_DISABLED": "true"}  # fmt: skip
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    storage._make_store.cache_clear()
     try:
-        client = boto3.client("s3")
-        client.create_bucket(Bucket="painterbot-denied")
-        client.put_object(Bucket="painterbot-denied", Key="out/__painterbot__/settings.json", Body=b"{}")
-        requests.post(f"{endpoint}/moto-api/reset-auth", data=b"0", timeout=10).raise_for_status()  # auth on
-        os.environ["AWS_ACCESS_KEY_ID"] = "AKIAWRONGKEY"
-        storage._make_store.cache_clear()
-        yield "s3://painterbot-denied/out"
+        with environment(env):
+            client = boto3.client("s3")
+            client.create_bucket(Bucket="painterbot-denied")
+            client.put_object(Bucket="painterbot-denied", Key="out/__painterbot__/settings.json", Body=b"{}")
+            requests.post(f"{endpoint}/moto-api/reset-auth", data=b"0", timeout=10).raise_for_status()  # auth on
+            with environment({"AWS_ACCESS_KEY_ID": "AKIAWRONGKEY"}):
+                yield "s3://painterbot-denied/out"
     finally:
         requests.post(f"{endpoint}/moto-api/reset-auth", data=b"inf", timeout=10)  # moto's settings are global
         server.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        storage._make_store.cache_clear()
 
 
 def _names_the_credentials(message: str) -> None:

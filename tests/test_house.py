@@ -7,7 +7,6 @@ import sys
 import sysconfig
 from pathlib import Path
 
-import pytest
 
 from conftest import ROOT
 

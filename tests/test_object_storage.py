@@ -21,8 +21,8 @@ from pipeline import storage
 from pipeline.dataset import StrokeDataset, read_row
 from pipeline.output_folder import OutputFolder, write_json_atomic
 from pipeline.writer import ShardWriter
-from pipeline_samples import (REPO, bad_samples, good_samples, sigkill_driver_when, tar_samples, tiny_config,
-                              write_tar)  # fmt: skip
+from pipeline_samples import (REPO, bad_samples, environment, good_samples, sigkill_driver_when, tar_samples,
+                              tiny_config, write_tar)  # fmt: skip
 
 moto_server = pytest.importorskip("moto.server", reason="needs moto[server] (the dev extra)")
 boto3 = pytest.importorskip("boto3")
@@ -54,22 +54,14 @@ def s3():
     host, port = server.get_host_and_port()
     env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_EC2_METADATA_DISABLED": "true"}  # fmt: skip
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    storage._make_store.cache_clear()  # filesystems are cached per process: build them with this endpoint
-    client = boto3.client("s3")
-    client.create_bucket(Bucket=BUCKET)
     try:
-        yield client, requests
+        with environment(env):  # filesystems are cached per process: built with this endpoint inside
+            client = boto3.client("s3")
+            client.create_bucket(Bucket=BUCKET)
+            yield client, requests
     finally:
         server.stop()
         werkzeug.removeHandler(requests)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        storage._make_store.cache_clear()
 
 
 def _keys(client, prefix: str) -> list[str]:

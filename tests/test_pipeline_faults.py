@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import pytest
 
 from pipeline.driver import RunOptions, run
 from pipeline.output_folder import OutputFolder

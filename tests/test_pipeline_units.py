@@ -2,10 +2,7 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import threading
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -22,7 +19,7 @@ from pipeline.output_folder import META_DIR, OutputFolder, temp_path
 from pipeline.reader import SampleError, ShardReader, ShardReadError, decode_image
 from pipeline.worker import ShardEncoder
 from pipeline.writer import ShardWriter, make_schema
-from pipeline_samples import TINY, bad_samples, bomb_png, good_samples, tar_samples, write_tar
+from pipeline_samples import TINY, bad_samples, bomb_png, good_samples, write_tar
 
 
 # -- shards -------------------------------------------------------------------------------
