@@ -9,8 +9,8 @@ locked.
 The memory of a fit is estimated from its shapes (``fit_bytes``): the targets and their pyramid,
 the canvases of a step, the per-tile stroke lists of binned launches and the optimiser's state.
 The estimate errs high by design (the default preset at B = 128 estimates 6.2 GB against 5.2 GiB, 5.6 GB,
-measured, benchmarks/RESULTS.md) and is compared with the memory free now, on the GPU for a
-local GPU run, in RAM for CPU workers (each holds its own batch).
+measured, benchmarks/RESULTS.md) and is compared with the GPU's memory for a local GPU run, or
+with the RAM available now for CPU workers (each holds its own batch).
 """
 from __future__ import annotations
 
@@ -43,12 +43,14 @@ def _available_ram() -> int | None:
     return None
 
 
-def _free_gpu_bytes() -> int | None:
+def _gpu_bytes() -> int | None:
+    """The smallest GPU's memory. Its size, not what is free: asking what is free would open a CUDA
+    context on every GPU in the driver, memory the workers then lack for the whole run."""
     import torch
 
     if not torch.cuda.is_available():
         return None
-    return min(torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count()))
+    return min(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
 
 
 def _gib(n: int) -> str:
@@ -77,7 +79,7 @@ def check_limits(fit_config, cfg, device: str, local: bool, workers: int | None 
     if device.startswith("cuda"):
         if not local:
             return  # the GPUs are on the cluster's machines, not known here
-        have, where, count = _free_gpu_bytes(), "free on the GPU", 1
+        have, where, count = _gpu_bytes(), "of GPU memory", 1
     else:
         have, where, count = _available_ram(), "of RAM available", max(1, workers or 1)
     if have is not None and per_fit * count > have:
