@@ -23,7 +23,7 @@ from .config import PipelineConfig, load_pipeline_config
 from .output_folder import OutputFolder, access_denied, is_access_denied
 from .limits import check_limits
 from .redact import redact
-from .shards import Shard, make_shards, missing_local
+from .shards import TAR_SUFFIXES, Shard, make_shards, missing_local
 from .sources import check_url, local_path
 from .writer import FORMAT_VERSION, file_settings
 
@@ -131,6 +131,11 @@ def _check_shards(specs: list[str], out: str) -> list[Shard]:
         raise ValueError(f"no shards matched {specs}")
     for shard in shards:
         check_url(shard.url)
+        named = local_path(shard.url) or (shard.url if storage.is_fs_uri(shard.url) else None)
+        if named is not None and not named.endswith(TAR_SUFFIXES):
+            # A zip or a folder of images is not a webdataset shard: say so now, not as a reader's error later.
+            raise ValueError(f"{redact(shard.url)} is not a tar shard: webdataset shards end in "
+                             f"{', '.join(TAR_SUFFIXES)} (img2dataset --output_format webdataset writes them)")
         if shard.url.endswith(".tar.zst") and not shard.url.startswith("pipe:"):
             # No zstd decoder in the standard library; a pipe: command may decompress it (zstd -dc).
             raise ValueError(f"zstd-compressed shards are not supported: {shard.url} "

@@ -65,3 +65,9 @@ def test_an_empty_config_file_is_refused(shard, tmp_path, capsys):
     err = _refused(["--shards", shard, "--output", str(tmp_path / "out"), "--config", str(tmp_path / "empty.yaml"),
                     "--device", "cpu"], capsys)
     assert "empty.yaml: the config is empty" in err
+
+
+def test_a_shard_that_is_not_a_tar_is_refused_before_the_run(tmp_path, capsys):
+    (tmp_path / "x.zip").write_bytes(b"PK\x03\x04 not a tar")
+    err = _refused(["--shards", str(tmp_path / "x.zip"), "--output", str(tmp_path / "out"), "--device", "cpu"], capsys)
+    assert "x.zip is not a tar shard" in err and "Error" not in err.split("error:", 1)[1]
