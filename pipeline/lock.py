@@ -113,5 +113,12 @@ class OutputLock:
         self.acquire()
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.release()
+    def __exit__(self, kind, exc, tb) -> None:
+        try:
+            self.release()
+        except OSError as error:
+            if kind is None:
+                raise
+            # The run is already failing (an output made read-only, a disk gone): its own error is
+            # the one to report; the lock that could not be removed is said beside it.
+            print(f"[painterbot] could not remove the lock {self.path}: {error}; remove it by hand", file=sys.stderr)

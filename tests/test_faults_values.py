@@ -138,3 +138,32 @@ def test_an_output_store_that_cannot_be_listed_fails_the_shards_it_touches(tmp_p
     assert summary["shards_encoded"] == 2 and list(summary["failed_shards"]) == ["00001"]
     failed = summary["failed_shards"]["00001"]
     assert failed["attempts"] == 2 and "could not be listed" in failed["error"]
+
+
+def test_the_runs_own_error_is_not_masked_by_the_lock(tmp_path, monkeypatch, capsys):
+    """issue #25, 14: when the output fails under a run (made read-only), the error reported is the
+    run's own, not the lock's that could not be removed after it."""
+    import pytest
+
+    from pipeline import lock as L
+    from pipeline import output_folder
+    from pipeline_samples import write_tar
+
+    (tmp_path / "in").mkdir()
+    write_tar(tmp_path / "in" / "00000.tar", good_samples(1, size=32))
+
+    def read_only(path, data):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    def lock_stays(self):
+        raise PermissionError(1, "Operation not permitted", str(self.path))
+
+    monkeypatch.setattr(output_folder, "write_json_atomic", read_only)
+    monkeypatch.setattr("pipeline.driver.write_json_atomic", read_only)
+    monkeypatch.setattr(L.OutputLock, "release", lock_stays)
+    options = RunOptions(shards=[str(tmp_path / "in" / "00000.tar")], output=str(tmp_path / "out"), progress=False,
+                         config=str(tiny_config(tmp_path / "tiny.yaml")), device="cpu", use_ray=False)
+    with pytest.raises(PermissionError, match="Permission denied") as exc:
+        run(options)
+    assert "driver.lock" not in str(exc.value)
+    assert "could not remove the lock" in capsys.readouterr().err
