@@ -152,8 +152,9 @@ def _run(options: RunOptions, stop: StopSignals) -> int:
             return 0
         summary = _write_summary(setup, skipped, outcome, started, stop)
     _print_summary(summary)
-    if stop.stopped:
-        return stop.exit_status
+    # The exit status agrees with the summary: a signal after it was written changes neither.
+    if summary["stopped_by"]:
+        return 128 + signal.Signals[summary["stopped_by"]]
     return 1 if outcome.failed else 0
 
 
