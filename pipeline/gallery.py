@@ -307,8 +307,8 @@ def build_report(out: str | Path, worst: int = 12, best: int = 12, thumb: int = 
     chosen = [r for _, rows in sections for r in rows]
     picked = ok.filter(pc.equal(ok["key"], timelapse_key)).to_pylist() if timelapse_key else []
     _fetch(files, chosen + picked, ["caption", "strokes", "background"])
-    # Default: of the listed images, the one whose strokes span the most colour: a stroke-by-stroke
-    # film of a dark or flat image (the Hubble deep field) shows little.
+    # Default: of the listed images, the one whose strokes' colours spread the most (contrast): a
+    # stroke-by-stroke film of a dark or flat image (the Hubble deep field) shows little.
     lapse = picked[0] if picked else max(chosen, key=_colour_spread, default=None)
     shown = chosen + picked
     _fetch(files, failures, ["error_message"])
@@ -319,9 +319,13 @@ def build_report(out: str | Path, worst: int = 12, best: int = 12, thumb: int = 
     missing = sum(1 for r in chosen if not hasattr(photos.get((r["file"], r["key"])), "save"))
 
     total, psnrs = len(listing), ok["psnr"].to_numpy(zero_copy_only=False).astype(np.float64)
-    # The same mean as the terminal's summary (float64, rounded to 0.01 dB), over every ok row here.
+    # The terminal's number when its run made every ok row here (it averages the fit's float64 PSNRs;
+    # the column holds them as float32), else the column's mean.
+    mean = np.mean(psnrs) if len(psnrs) else None
+    if summary and summary.get("ok") == len(ok) and isinstance(summary.get("mean_psnr"), (int, float)):
+        mean = summary["mean_psnr"]
     cards = [("images", total), ("ok", len(ok)), ("failed", len(failed)),
-             ("mean PSNR, ok rows", f"{np.mean(psnrs):.2f} dB" if len(psnrs) else "-"),
+             ("mean PSNR, ok rows", f"{mean:.2f} dB" if mean is not None else "-"),
              ("files", len(files))]  # fmt: skip
     if summary:
         cards += [("seconds, last run", f"{summary.get('seconds', 0):.0f}"), ("device", summary.get("device", "?")),

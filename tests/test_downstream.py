@@ -362,7 +362,7 @@ def test_typed_columns_take_any_json_value_without_failing_the_shard():
 
 def test_gallery_labels_each_picture_and_explains_its_numbers(real_run, tmp_path):
     """issue #26, 6: a label under each picture, the rates named, the terminal's mean PSNR, and a
-    timelapse of a colourful image rather than the darkest one. Also as a user sees it: the page
+    timelapse of a contrasted image rather than the darkest one. Also as a user sees it: the page
     opened in headless Chromium (when the machine has it), screenshot taken."""
     import subprocess
 
