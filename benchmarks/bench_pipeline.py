@@ -35,7 +35,8 @@ import encoder  # noqa: E402
 from pipeline.config import CPU_PRESET, DEFAULT_PRESET, load_pipeline_config  # noqa: E402
 from pipeline.demo import PHOTOS, photo  # noqa: E402
 from pipeline.reader import ShardReader  # noqa: E402
-from pipeline.shards import make_shards, meta_dir  # noqa: E402
+from pipeline.output_folder import OutputFolder  # noqa: E402
+from pipeline.shards import make_shards  # noqa: E402
 from pipeline.worker import ShardEncoder  # noqa: E402
 
 
@@ -121,7 +122,7 @@ def bench_ray(urls, args, device, out: Path) -> tuple[int, float, float, float]:
     wall = time.perf_counter() - start
     if code != 0:
         raise RuntimeError("the Ray run failed")
-    stats = [json.loads(p.read_text()) for p in sorted(meta_dir(out / "ray").glob("*_stats.json"))]
+    stats = [json.loads(p.read_text()) for p in sorted(OutputFolder(out / "ray").stats_files())]
     # The first shard carries the actor's warm-up (compilation); the others are steady state.
     steady = stats[1:] or stats
     return (sum(s["total"] for s in steady), sum(s["seconds"] for s in steady), sum(s["fit_seconds"] for s in steady),

@@ -28,7 +28,7 @@ _TARS = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
 # scheme://anything up to whitespace or a quote or bracket (how a URL ends inside a message)
 _URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>()\[\]{}]+")
 _HEADER = re.compile(r"(?i)\b(authorization|proxy-authorization|cookie|x-api-key|x-auth-token)(\s*[:=]\s*)[^'\"\n]+")
-_BEARER = re.compile(r"(?i)\b(bearer|token|basic)(\s+)[A-Za-z0-9._~+/=-]{8,}")
+_BEARER = re.compile(r"(?i)\b(bearer|basic)(\s+)[A-Za-z0-9._~+/=-]{8,}")
 
 
 def redact_url(url: str) -> str:

@@ -108,11 +108,6 @@ def make_shards(specs: str | list[str] | tuple[str, ...]) -> list[Shard]:
     return shards
 
 
-def meta_dir(out_dir: str | Path) -> storage.AnyPath:
-    """The folder of the stats files; output_folder.py owns it, benchmarks/bench_pipeline.py imports it from here."""
-    return OutputFolder(out_dir).meta
-
-
 INCOMPLETE = "incomplete: its source failed part-way last time"
 
 

@@ -66,7 +66,7 @@ def upstream_counts(urls: list[str]) -> dict:
     found = 0
     # Object stores answer one small GET at a time: a few in flight keep 10,000 shards to seconds.
     with ThreadPoolExecutor(16) as pool:
-        read = list(pool.map(lambda u: _read(stats_location(u)) if stats_location(u) else None, urls))
+        read = list(pool.map(lambda location: _read(location) if location else None, map(stats_location, urls)))
     for stats in read:
         counts = {name: _count(stats.get(name)) for name in COUNTS} if stats else {}
         if not stats or None in counts.values():
