@@ -39,6 +39,7 @@ from .output_folder import OutputFolder
 from .reader import IMAGE_EXTS, SampleError, ShardReader, decode_image
 from .records import Status
 from .redact import redact
+from .shards import shard_id
 from .upstream import describe as describe_upstream
 
 MAX_FAILURES = 500  # failed rows listed; a run with more counts them in the stats
@@ -104,7 +105,7 @@ def _photos(files: list[str], chosen: list[dict], size: int, shards: list[str] |
         by_key.setdefault(key, []).append(f)
     found: dict[tuple[int, str], object] = {}
     errors: list[str] = []
-    for source in shards or []:
+    for source in _likely_first(shards or [], {Path(str(files[f])).stem for f, _ in wanted}):
         if not by_key.keys() - {k for _, k in found}:
             break
         try:
@@ -129,6 +130,19 @@ def _photos(files: list[str], chosen: list[dict], size: int, shards: list[str] |
         hint += "".join(f"; {e}" for e in errors)
         found.setdefault((f, key), f"photo not shown: {hint} ({where})")
     return found
+
+
+def _likely_first(shards: list[str], stems: set[str]) -> list[str]:
+    """The given shards, those whose id names a listed row's file ({id}.parquet) first: a shard's rows
+    are in its own file, so most reports read only those; the others are read only for keys still
+    missing (a file renamed, or rows whose shard ids differ)."""
+    def listed(url: str) -> bool:
+        try:
+            return shard_id(url) in stems
+        except ValueError:
+            return False
+
+    return sorted(shards, key=lambda url: not listed(url))
 
 
 def _stats(out) -> tuple[list[dict], dict | None]:
