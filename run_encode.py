@@ -111,7 +111,11 @@ def main(argv: list[str] | None = None, exiting: bool = False) -> int:
     """The command. ``exiting``: the process ends when this returns (``python run_encode.py``): a
     signal after the run's last write is then ignored rather than killing the process, so the exit
     status is the run's."""
-    stop = StopSignals().install()
+    # Deferred until the imports are done: an interrupt raised inside torch's or Ray's native import
+    # code can abort the interpreter (seen: SIGABRT). A signal now is recorded and acted on after them.
+    stop = StopSignals()
+    stop.defer()
+    stop.install()
     try:
         return _main(argv, stop)
     except KeyboardInterrupt:
@@ -136,6 +140,9 @@ def _main(argv: list[str] | None, stop: StopSignals) -> int:
         options = options_from_args(args)
         if args.demo:
             options = demo.prepare_demo(options)
+        if stop.stopped:  # a signal during the imports (or the demo's shards), recorded until now
+            raise KeyboardInterrupt
+        stop.deferred = False  # from here the first signal stops the run where it is
         code = run(options, stop)
         if args.demo and not stop.stopped:
             demo.show_demo(options)

@@ -7,8 +7,9 @@ exit status is 128 + its number (130, 143, 129). Once the driver is writing the 
 handler only records a signal, so a second one, or one that comes just after the last shard,
 cannot cut the summary or leave the lock behind.
 
-This module imports nothing heavy, so ``run_encode.py`` installs it before torch and Ray load: a
-signal during the imports is an orderly stop too.
+This module imports nothing heavy, so ``run_encode.py`` installs it before torch and Ray load, deferred:
+an interrupt raised inside a native import can abort the interpreter, so a signal during the imports
+is recorded and the command stops right after them, in order.
 """
 from __future__ import annotations
 
