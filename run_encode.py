@@ -140,9 +140,8 @@ def _main(argv: list[str] | None, stop: StopSignals) -> int:
         options = options_from_args(args)
         if args.demo:
             options = demo.prepare_demo(options)
-        if stop.stopped:  # a signal during the imports (or the demo's shards), recorded until now
-            raise KeyboardInterrupt
-        stop.deferred = False  # from here the first signal stops the run where it is
+        # Still deferred: a signal during the imports, the demo's shards or the run's checks stops the
+        # run once its output folder is locked, before its first shard, with a summary (driver.run).
         code = run(options, stop)
         if args.demo and not stop.stopped:
             demo.show_demo(options)

@@ -134,12 +134,18 @@ def run(options: RunOptions, stop: StopSignals | None = None) -> int:
 
 def _run(options: RunOptions, stop: StopSignals) -> int:
     started = time.time()
+    # The checks and the plan finish (each wait in them has a bound); a signal meanwhile is recorded
+    # and stops the run before its first shard, with a summary like any other stop.
+    stop.defer()
     setup = prepare(options)
     with OutputLock(setup.out):
         outcome, todo, skipped = Outcome(), None, []
         try:
-            todo, skipped = _plan(setup)
+            todo, skipped, settings = _plan(setup)
             if todo:
+                stop.resume()  # raises here if a signal came during the checks
+                if settings is not None:
+                    OutputFolder(setup.out).write_settings(settings)
                 _encode(setup, todo, outcome, stop)
         except BaseException as exc:
             if not stop.interrupted(exc):
@@ -168,8 +174,9 @@ def _write_summary(setup: Setup, skipped: list[Shard], outcome: Outcome, started
             return summary
 
 
-def _plan(setup: Setup) -> tuple[list[Shard], list[Shard]]:
-    """Refuse other row settings, check the done shards, and record the settings when there is work."""
+def _plan(setup: Setup) -> tuple[list[Shard], list[Shard], dict | None]:
+    """Refuse other row settings and check the done shards: the shards to encode, those skipped, and the
+    row settings to record before the first shard is encoded (None: the folder records them already)."""
     wanted, folder = setup.row_settings(), OutputFolder(setup.out)
     needs_writing = folder.check_settings(wanted, setup.options.overwrite)
     redo: dict[str, str] = {}
@@ -177,9 +184,7 @@ def _plan(setup: Setup) -> tuple[list[Shard], list[Shard]]:
     for sid, why in sorted(redo.items())[:20]:
         _log(f"shard {sid}: redone: {why}")
     _log(f"{len(setup.shards)} shard(s): {len(todo)} to encode, {len(skipped)} already done (skipped) -> {setup.out}")
-    if todo and needs_writing:
-        folder.write_settings(wanted)
-    return todo, skipped
+    return todo, skipped, wanted if needs_writing else None
 
 
 @dataclass

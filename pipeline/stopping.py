@@ -8,8 +8,9 @@ handler only records a signal, so a second one, or one that comes just after the
 cannot cut the summary or leave the lock behind.
 
 This module imports nothing heavy, so ``run_encode.py`` installs it before torch and Ray load, deferred:
-an interrupt raised inside a native import can abort the interpreter, so a signal during the imports
-is recorded and the command stops right after them, in order.
+an interrupt raised inside a native import can abort the interpreter. A signal during the imports and
+the checks before the run (each with a time bound) is recorded; the driver then locks the output
+folder, plans, and stops before the first shard, writing the summary as for any stop.
 """
 from __future__ import annotations
 
@@ -59,6 +60,12 @@ class StopSignals:
     def defer(self) -> None:
         """From now on a signal is recorded, not raised: the work in hand (the summary) finishes."""
         self.deferred = True
+
+    def resume(self) -> None:
+        """Signals raise again; one recorded while deferred raises now (as ``KeyboardInterrupt``)."""
+        self.deferred = False
+        if self.received:
+            raise KeyboardInterrupt
 
     def uninstall(self) -> None:
         for signum, previous in self._previous.items():

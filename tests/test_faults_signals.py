@@ -69,6 +69,13 @@ def test_a_signal_during_the_imports_is_an_orderly_stop(tmp_path, signum, status
     text = _finish(proc, set())
     assert proc.returncode == status, text[-3000:]
     assert "Traceback" not in text and f"stopped by {signal.Signals(signum).name}" in text
+    # The run locked its folder, planned, and stopped before its first shard: a summary, no rows, and
+    # no settings recorded (a later run may still pick other settings for this empty folder).
+    folder = OutputFolder(out)
+    summary = json.loads(folder.summary_path.read_text())
+    assert summary["stopped_by"] == signal.Signals(signum).name and summary["interrupted"]
+    assert summary["shards_total"] == 4 and summary["shards_encoded"] == 0
+    assert not folder.stats_files() and not folder.settings_path.exists()
     _clean(out)
 
 
