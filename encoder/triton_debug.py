@@ -18,7 +18,7 @@ def _tile_hits_kernel(PREPARED, HITS, N, H, W, inv_h, BH: tl.constexpr, BW: tl.c
     b, img, plane, mask, xs, ys, x0, x1, y0, y1 = _tile(H, W, inv_h, BH, BW)
     tiles = tl.num_programs(0)
     for j in range(N):
-        hit, q_min = _reach(PREPARED + (b * N + j) * PREP, x0, x1, y0, y1)
+        hit = _reach(PREPARED + (b * N + j) * PREP, x0, x1, y0, y1)
         tl.store(HITS + (b * N + j) * tiles + tl.program_id(0), hit.to(tl.int8))
 
 

@@ -198,18 +198,15 @@ def _prepare_kernel(S, PREPARED, total, cull_opacity, BLOCK: tl.constexpr):
 
 @triton.jit
 def _reach(P, x0, x1, y0, y1):
-    """Whether the prepared stroke at ``P`` can reach CULL opacity in the box [x0, x1] x [y0, y1],
-    and a lower bound of its exponent q over the box (its opacity there is at most alpha * exp(-q)).
+    """Whether the prepared stroke at ``P`` can reach its culling opacity in the box [x0, x1] x [y0, y1].
 
     First the disc around the centre (cheap, rules out far tiles), then the
     annular sector itself (`_q_min`).
     """
     hit = _in_disc(P, x0, x1, y0, y1)
-    q_min = 0.0 * x0
     if hit:
-        q_min = _q_min(P, x0, x1, y0, y1)
-        hit = q_min <= tl.load(P + P_LOG_RATIO)
-    return hit, q_min
+        hit = _q_min(P, x0, x1, y0, y1) <= tl.load(P + P_LOG_RATIO)
+    return hit
 
 
 @triton.jit
@@ -397,7 +394,7 @@ def _over(P, S, c0, c1, c2, xs, ys, FAST: tl.constexpr):
 @triton.jit
 def _blend(P, S, c0, c1, c2, xs, ys, x0, x1, y0, y1, FAST: tl.constexpr):
     """`_over` when the stroke can reach the tile; also says whether it did."""
-    hit, q_min = _reach(P, x0, x1, y0, y1)
+    hit = _reach(P, x0, x1, y0, y1)
     if hit:
         c0, c1, c2 = _over(P, S, c0, c1, c2, xs, ys, FAST)
     return c0, c1, c2, hit
@@ -523,16 +520,15 @@ def _backward_kernel(
         # The t-th stroke of the tile's list is stroke k (unbinned: every stroke, k = t).
         t = n_listed - 1 - i
         if BINNED:
+            # Listed strokes passed _reach's test in _bin_kernel, and the forward painted
+            # every one of them (_paint): no test here.
             k = tl.load(LIST + t).to(tl.int32)
             P = PREPARED + k * PREP
-            # Listed strokes passed _reach's test in _bin_kernel; this takes the same
-            # decision again (for the bound q_min) without the disc test.
-            q_min = _q_min(P, x0, x1, y0, y1)
-            hit = q_min <= tl.load(P + P_LOG_RATIO)
+            hit = True
         else:
             k = t
             P = PREPARED + k * PREP
-            hit, q_min = _reach(P, x0, x1, y0, y1)
+            hit = _reach(P, x0, x1, y0, y1)
         if hit:
             if LOSS_KIND == LOSS_PREFIX_L1:
                 # The canvas is about to change: its pending terms are due now.
@@ -546,9 +542,10 @@ def _backward_kernel(
             a = alpha * e
             keep = 1.0 - a
             # Canvas before this stroke: un-blend while that is well
-            # conditioned. The bound uses the tile's opacity bound from
-            # _reach, so it needs no reduction over the tile.
-            room = 1.0 - alpha * tl.exp(-q_min)
+            # conditioned. The tile's largest opacity (one reduction, pixels
+            # past the image edge included: that only lowers room) costs less
+            # than _q_min's bound, which the binned path no longer computes.
+            room = 1.0 - tl.max(a)
             if room * unblend_limit < amp:
                 p0, p1, p2 = _load_rgb(BASE, img, plane, mask)
                 p0, p1, p2 = _paint(PREPARED, S, LIST, t, p0, p1, p2, xs, ys, x0, x1, y0, y1, BINNED, FAST)

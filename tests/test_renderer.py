@@ -218,6 +218,23 @@ def test_edge_cases(loss, binned):
     check(s, base, tgt, loss, binned=binned)
 
 
+@pytest.mark.parametrize("binned", [False, True])
+def test_backward_recomputes_the_canvas_under_opaque_strokes(binned):
+    """Strokes of opacity 1 stacked over one spot: un-blending one divides by 1 - a = 0 at its peak, so the
+    backward must recompute the canvas below it from the base, each time the tile's largest opacity says
+    un-blending would amplify rounding past UNBLEND_LIMIT (here: at every such stroke)."""
+    gen = torch.Generator().manual_seed(11)
+    h, w = 16, 16
+    s = compact(random_strokes(1, 12, w / h, generator=gen))
+    s[0, ::2, ALPHA] = 1.0
+    s[0, :, CX] = (7.5 + torch.randint(-1, 2, (12,), generator=gen)) / h  # peaks on pixel centres
+    s[0, :, CY] = (8.5 + torch.randint(-1, 2, (12,), generator=gen)) / h
+    s[0, :, MU_R] = 1.0
+    s[0, :, SIGMA_R] = 0.2  # 3 px across
+    s[0, :, SIGMA_T] = 0.78  # and long
+    check(s, torch.rand(1, 3, h, w, generator=gen), torch.rand(1, 3, h, w, generator=gen), "l2", binned=binned)
+
+
 def test_culling_skips_far_strokes_exactly():
     """A stroke that cannot reach the canvas changes nothing, and gets zero gradient."""
     s = torch.tensor([[[0.0, 0.0, 0.0, 0.05, 1e-4, 1e-3, 1.0, 0.0, 0.0, 1.0]]])
