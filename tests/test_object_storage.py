@@ -9,9 +9,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
+import struct
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pyarrow.parquet as pq
 import pytest
@@ -121,9 +126,8 @@ def _upload_shards(client, tmp: Path, count: int, per_shard: int) -> dict[str, P
     return tars
 
 
-def _check_bucket(client, tars: dict[str, Path]) -> int:
+def _check_bucket(client, tars: dict[str, Path], out: str = f"s3://{BUCKET}/e2e/out") -> int:
     """Every object under a final name is complete; returns how many shards are done."""
-    out = f"s3://{BUCKET}/e2e/out"
     done = 0
     for sid, tar in tars.items():
         parquet = storage.location(f"{out}/{sid}.parquet")
@@ -243,3 +247,125 @@ def test_sources_open_object_store_shards_and_resume_sees_incomplete_shards(s3, 
     writer.commit({"total": 0, "complete": True})
     assert not OutputFolder(out).incomplete("00005").exists()
     assert S.plan(S.make_shards([f"s3://{BUCKET}/src/00005.tar"]), out)[1]
+
+
+class _Outage:
+    """A TCP relay on 127.0.0.1 in front of the moto server that can be cut: while it is down every
+    connection, open or new, is reset, which is how a store's outage looks to its clients."""
+
+    def __init__(self, target: tuple[str, int]):
+        self.target, self.up = target, threading.Event()
+        self.up.set()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.open: set[socket.socket] = set()
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            if not self.up.is_set():
+                self._reset(client)
+                continue
+            try:
+                server = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                self._reset(client)
+                continue
+            with self.lock:
+                self.open.update((client, server))
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                self._reset(sock)
+
+    def _reset(self, sock: socket.socket) -> None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST, not FIN
+            sock.close()
+        except OSError:
+            pass
+        with self.lock:
+            self.open.discard(sock)
+
+    def cut(self) -> None:
+        self.up.clear()
+        with self.lock:
+            sockets = list(self.open)
+        for sock in sockets:
+            self._reset(sock)
+
+    def restore(self) -> None:
+        self.up.set()
+
+    def close(self) -> None:
+        self.listener.close()
+        self.cut()
+
+
+@pytest.mark.parametrize("where", [["--no-ray"], ["--gpus", "0", "--workers", "2"]], ids=["no-ray", "ray"])
+def test_an_outage_of_the_output_store_fails_and_retries_the_shards_it_touches(s3, tmp_path, where):
+    """issue #25, 11, as a real run: the output bucket goes away mid-run (its connections reset) and
+    comes back. The shards it touched fail their attempts and are retried like any failed shard (or,
+    their retries spent, are reported failed); the run ends with a summary, no shard is partial or
+    doubled, no temporary object stays, and a rerun completes the dataset exactly once."""
+    client, _ = s3
+    name = where[0].strip("-")
+    tars = {}
+    (tmp_path / "in").mkdir()
+    for i in range(6):
+        tars[f"{i:05d}"] = write_tar(tmp_path / "in" / f"{i:05d}.tar", good_samples(3, prefix=f"s{i}k"))
+    out = f"s3://{BUCKET}/outage-{name}/out"
+    config = tiny_config(tmp_path / "tiny.yaml", batch_size=1, max_retries=4)
+    moto = urlsplit(os.environ["AWS_ENDPOINT_URL"])
+    relay = _Outage((moto.hostname, moto.port))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO),
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{relay.port}"}
+    args = [sys.executable, str(REPO / "run_encode.py"), "--shards", str(tmp_path / "in"), "--output", out,
+            "--config", str(config), "--device", "cpu", "--no-progress", *where]
+    log = (tmp_path / "run.log").open("w+")
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    try:
+        prefix = f"outage-{name}/out/__painterbot__/"
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None and not any(
+                k.endswith("_stats.json") for k in _keys(client, prefix)):
+            time.sleep(0.1)
+        assert proc.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
+        relay.cut()  # the first shard is committed; the store goes away under the others
+        deadline = time.time() + 60
+        while time.time() < deadline and "failed (" not in (tmp_path / "run.log").read_text():
+            time.sleep(0.1)
+        relay.restore()
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        relay.close()
+    text = (tmp_path / "run.log").read_text()
+    assert "Traceback" not in text, text[-4000:]
+    assert proc.returncode in (0, 1), text[-4000:]
+    summary = json.loads(client.get_object(Bucket=BUCKET, Key=f"{prefix}summary.json")["Body"].read())
+    retried = {sid: info for sid, info in summary["retried_shards"].items()}
+    assert retried or summary["failed_shards"], text[-4000:]  # the outage touched some shard
+    assert summary["shards_failed"] == (proc.returncode == 1) * len(summary["failed_shards"])
+    done = _check_bucket(client, tars, out)  # nothing partial under a final name
+    assert done == summary["shards_encoded"] == len(tars) - summary["shards_failed"]
+    assert not [k for k in _keys(client, f"outage-{name}/out/") if k.endswith(".tmp")]
+
+    rerun = subprocess.run(args, cwd=REPO, env={**env, "AWS_ENDPOINT_URL": os.environ["AWS_ENDPOINT_URL"]},
+                           capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    assert _check_bucket(client, tars, out) == len(tars)  # every shard exactly once
