@@ -4,7 +4,8 @@ Runs the same images, with the same config, four ways and prints a table:
 
     reader only        decoding + resize on the worker's reader threads (no fit)
     encoder only       fit_batch on pre-decoded batches: the ceiling
-    worker, no Ray     ShardEncoder.encode_shard in this process (decode + fit + write overlapped)
+    worker, no Ray     ShardEncoder.encode_shard in this process (decode + fit + write overlapped),
+                       pipeline.shards_per_worker shards at a time (--shards-per-worker 1 2: both)
     worker, Ray        the same worker as a Ray actor (one GPU, or one CPU worker), via the driver
 
 The worker rows should be within a few percent of "encoder only"; a larger gap
@@ -17,11 +18,14 @@ means decoding or writing is not hidden behind the fit.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import sys
 import tempfile
 import time
+from datetime import datetime
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -94,27 +98,29 @@ def bench_encoder(urls, fit, cfg, device) -> tuple[int, float, float]:
 
 
 def bench_worker(urls, fit, cfg, device, out: Path) -> tuple[int, float, float]:
-    """(images, seconds, seconds inside fit_batch)."""
+    """(images, seconds, seconds inside fit_batch). The shards go to one worker ``cfg.shards_per_worker`` at
+    a time, as the driver hands them out (their fits take turns on the device)."""
     worker = ShardEncoder(fit, cfg, device=device, worker_id="bench")
     shards = make_shards(urls)
     worker.encode_shard(shards[0].url, "warmup", str(out / "warmup"))  # compile outside the clock
-    start, count, fitting = time.perf_counter(), 0, 0.0
-    for shard in shards:
-        stats = worker.encode_shard(shard.url, shard.id, str(out / "no_ray"))
-        count += stats["total"]
-        fitting += stats["fit_seconds"]
-    return count, time.perf_counter() - start, fitting
+    start = time.perf_counter()
+    with ThreadPoolExecutor(cfg.shards_per_worker) as pool:
+        stats = list(pool.map(lambda shard: worker.encode_shard(shard.url, shard.id, str(out / "no_ray")), shards))
+    return sum(s["total"] for s in stats), time.perf_counter() - start, sum(s["fit_seconds"] for s in stats)
 
 
-def bench_ray(urls, args, device, out: Path) -> tuple[int, float, float, float]:
-    """(images, seconds inside the worker's shards, seconds inside fit_batch, wall seconds including Ray start-up)."""
+def bench_ray(urls, args, device, out: Path, spw: int) -> tuple[int, float, float, float]:
+    """(images, seconds of the steady shards, seconds inside fit_batch, wall seconds including Ray start-up).
+
+    With several shards held by the worker at once their own durations overlap: the steady seconds are
+    a span (below), not their sum."""
     from pipeline.driver import RunOptions, run
 
     options = RunOptions(
         shards=urls, output=str(out / "ray"), config=args.config,
         encoder_overrides={"strokes": args.strokes, "size": args.size},
         pipeline_overrides={"batch_size": args.batch_size, "reader_threads": args.reader_threads,
-                            "include_dashboard": False, "workers": 1},
+                            "include_dashboard": False, "workers": 1, "shards_per_worker": spw},
         device=device, gpus=1 if device.startswith("cuda") else 0, progress=False, overwrite=True,
     )  # fmt: skip
     start = time.perf_counter()
@@ -123,9 +129,13 @@ def bench_ray(urls, args, device, out: Path) -> tuple[int, float, float, float]:
     if code != 0:
         raise RuntimeError("the Ray run failed")
     stats = [json.loads(p.read_text()) for p in sorted(OutputFolder(out / "ray").stats_files())]
-    # The first shard carries the actor's warm-up (compilation); the others are steady state.
+    # The first shard carries the actor's warm-up (compilation); the others are steady state, timed from
+    # the end of the first to the end of the last (the driver's hand-outs between them included).
+    stats.sort(key=lambda s: s["started_at"])
     steady = stats[1:] or stats
-    return (sum(s["total"] for s in steady), sum(s["seconds"] for s in steady), sum(s["fit_seconds"] for s in steady),
+    begin = datetime.fromisoformat(stats[0]["finished_at" if len(stats) > 1 else "started_at"])
+    end = max(datetime.fromisoformat(s["finished_at"]) for s in steady)
+    return (sum(s["total"] for s in steady), (end - begin).total_seconds(), sum(s["fit_seconds"] for s in steady),
             wall)
 
 
@@ -141,6 +151,8 @@ def main() -> int:
     p.add_argument("--per-shard", type=int, default=32)
     p.add_argument("--shards", nargs="+", help="use these shards instead of generated ones")
     p.add_argument("--no-ray", action="store_true", help="skip the Ray row")
+    p.add_argument("--shards-per-worker", type=int, nargs="+",
+                   help="worker rows for each of these pipeline.shards_per_worker values (default: the config's)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -159,19 +171,21 @@ def main() -> int:
         rows.append(("reader only (decode + resize)", *bench_reader(measured, fit.size, cfg), None))
         rows.append(("encoder only (fit_batch)", *bench_encoder(measured, fit, cfg, device), None))
         ceiling = rows[-1][1] / rows[-1][2]
-        rows.append(("worker, no Ray", *bench_worker(urls if len(urls) == 1 else measured, fit, cfg, device, tmp / "out"),
-                     None))
-        if not args.no_ray:
-            rows.append(("worker, Ray actor (steady shards)", *bench_ray(urls, args, device, tmp / "out")))
+        for spw in args.shards_per_worker or [cfg.shards_per_worker]:
+            held = dataclasses.replace(cfg, shards_per_worker=spw)
+            rows.append((f"worker, no Ray, {spw} shard(s) held",
+                         *bench_worker(urls if len(urls) == 1 else measured, fit, held, device, tmp / f"out{spw}"), None))
+            if not args.no_ray:
+                rows.append((f"worker, Ray actor, {spw} shard(s) held", *bench_ray(urls, args, device, tmp / f"out{spw}", spw)))
 
     # "in fit_batch": the share of the time the worker spent inside fit_batch; the
     # rest is the GPU waiting (between batches, at shard starts and ends).
-    print(f"\n{'mode':36s} {'images':>7s} {'seconds':>9s} {'images/s':>9s} {'vs encoder':>10s} {'in fit_batch':>12s}")
+    print(f"\n{'mode':42s} {'images':>7s} {'seconds':>9s} {'images/s':>9s} {'vs encoder':>10s} {'in fit_batch':>12s}")
     results = []
     for name, n, s, fitting, wall in rows:
         rate = n / s if s > 0 else float("nan")
         share = f"{fitting / s:11.1%}" if fitting is not None and s > 0 else f"{'':11s}"
-        print(f"{name:36s} {n:7d} {s:9.2f} {rate:9.2f} {rate / ceiling:9.2f}x {share}")
+        print(f"{name:42s} {n:7d} {s:9.2f} {rate:9.2f} {rate / ceiling:9.2f}x {share}")
         results.append({"mode": name, "images": n, "seconds": s, "images_per_second": rate, "vs_encoder": rate / ceiling,
                         "fit_seconds": fitting, "wall_with_ray_startup": wall})  # fmt: skip
     if rows[-1][4] is not None:

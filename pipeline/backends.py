@@ -70,11 +70,12 @@ class Backend(Protocol):
 class LocalBackend:
     """One ShardEncoder in this process, on a thread so the driver can poll progress (--no-ray)."""
 
-    def __init__(self, make_encoder):
+    def __init__(self, make_encoder, shards_per_worker: int = 1):
         self.make_encoder = make_encoder
         self.slots = 1
         self.encoders = [make_encoder(0)]
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="encode")
+        # One thread per shard the worker holds (shards_per_worker): their fits take turns inside it.
+        self.pool = ThreadPoolExecutor(shards_per_worker, thread_name_prefix="encode")
         self.dashboard_url = None
         self._started = False
 
@@ -210,9 +211,11 @@ class RayBackend:
             want = count
             self.slots = min(count, fit)
         crash_once = os.environ.get(CRASH_ONCE_ENV) or None
-        # max_concurrency=2: encode_shard runs on one thread while progress() answers on another.
+        # A thread for each shard the actor holds (shards_per_worker; their fits take turns inside
+        # it), and one more so progress() answers while they run.
         actor_class = ray.remote(with_placement(ShardEncoder)).options(
-            num_gpus=1 if use_gpu else 0, num_cpus=cpus_each, max_concurrency=2, max_restarts=0
+            num_gpus=1 if use_gpu else 0, num_cpus=cpus_each, max_concurrency=cfg.shards_per_worker + 1,
+            max_restarts=0,
         )
         worker_device = "cuda" if use_gpu else "cpu"
         self.pool = WorkerPool(
@@ -330,7 +333,7 @@ def start(setup: Setup, log: Callable[[str], None]) -> Backend:
                              log, writer_factory)  # fmt: skip
     else:
         backend = LocalBackend(lambda slot: ShardEncoder(fit_config, cfg, device, f"local-{slot}",
-                                                         writer_factory=writer_factory))
+                                                         writer_factory=writer_factory), cfg.shards_per_worker)
     if backend.dashboard_url:
         log(f"Ray dashboard: http://{backend.dashboard_url}")
     log(f"{backend.slots} worker(s) on {device}; {fit_config.strokes} strokes at {fit_config.size} px, "

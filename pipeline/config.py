@@ -33,6 +33,10 @@ class PipelineConfig:
     reader_threads: int = 2
     # Decoded batches waiting for the fit; bounds a worker's memory while hiding decode time.
     prefetch_batches: int = 2
+    # Shards a worker holds at once. Their fits take turns on its device; with 2 the next shard
+    # decodes its first batches while this one fits and commits, so the device does not wait at
+    # shard boundaries. Each held shard queues up to prefetch_batches decoded batches.
+    shards_per_worker: int = 2
     # Refuse images above this many pixels before decoding them (decompression bombs).
     max_image_pixels: int = 100_000_000
     # Refuse images whose short side is below this: upscaling them would paint blur.
@@ -84,12 +88,15 @@ class PipelineConfig:
                                  f"{', '.join(EXTRA_COLUMN_TYPES)}, got {name!r}: {kind!r}")  # fmt: skip
             if name in COLUMNS:  # a second column of that name: every shard's file would be refused
                 raise ValueError(f"pipeline.extra_columns: {name!r} is a column of the output already")
-        at_least_one = ("batch_size", "reader_threads", "prefetch_batches", "row_group_size", "workers",
+        at_least_one = ("batch_size", "reader_threads", "prefetch_batches", "shards_per_worker", "row_group_size", "workers",
                         "cpus_per_worker", "max_image_pixels", "min_image_side", "max_error_messages",
                         "max_member_bytes")  # fmt: skip
         for name in at_least_one:
             if getattr(self, name) < 1:
                 raise ValueError(f"pipeline.{name} must be >= 1, got {getattr(self, name)}")
+        if self.shards_per_worker > 8:
+            raise ValueError(f"pipeline.shards_per_worker must be <= 8 (each holds decoded batches), "
+                             f"got {self.shards_per_worker}")
         if self.max_retries < 0:
             raise ValueError(f"pipeline.max_retries must be >= 0, got {self.max_retries}")
         if self.num_cpus is not None and self.num_cpus < 1:

@@ -1,7 +1,8 @@
 """The driver: the shard queue, retries, progress and the summary (the workers are backends.py's).
 
-Shards are handed out one at a time: a worker that finishes asks for the next,
-so one slow shard never idles the others. A shard whose task raised is queued
+Shards are handed out as workers free up, ``shards_per_worker`` at a time per
+worker (the next one decodes while the current one fits), so one slow shard
+never idles the others. A shard whose task raised is queued
 again, and a worker process that died (``RayActorError``, also when its whole
 node died) is replaced and its shard queued again, each shard at most
 ``1 + max_retries`` times. A shard that still fails is reported (exit status 1)
@@ -218,26 +219,34 @@ def _encode(setup: Setup, todo: list[Shard], outcome: Outcome, stop: StopSignals
             except Exception:  # noqa: BLE001 - a report is a nicety; shutting down is not
                 pass
             backend.shutdown()
-        for _, shard in (dispatcher.inflight.values() if dispatcher else ()):
+        for _, shard, _ in (dispatcher.inflight.values() if dispatcher else ()):
             _clean_temp(OutputFolder(setup.out), shard)  # interrupted attempts (their workers are gone, or going)
 
 
 class Dispatcher:
-    """One shard per idle worker; results collected as they come; failed attempts queued again."""
+    """Up to ``shards_per_worker`` shards per live worker; results collected as they come; failed
+    attempts queued again."""
 
     def __init__(self, backend: backends.Backend, setup: Setup, progress: Progress, outcome: Outcome):
         self.backend, self.cfg, self.out = backend, setup.cfg, setup.out
         self.folder = OutputFolder(setup.out)
         self.progress, self.outcome = progress, outcome
         self.queue: deque[Shard] = deque()
-        self.inflight: dict = {}  # handle -> (slot, shard)
-        self.idle: list[int] = []  # slots whose worker is up and free; refresh() adds the ones that come up
+        self.inflight: dict = {}  # handle -> (slot, shard, the slot's worker generation when submitted)
+        # One entry per shard a live worker can take now: shards_per_worker for each worker that comes
+        # up (refresh), one back for each shard it finishes.
+        self.idle: list[int] = []
+        # Bumped when a slot's worker dies: its other shards in flight die with it, and must not
+        # replace the worker again (nor give back room on a worker that is gone).
+        self.generation: Counter = Counter()
 
     def run(self, todo: list[Shard]) -> None:
         self.queue.extend(todo)
         while self.queue or self.inflight:
             try:
-                self.idle += self.backend.refresh()  # workers that came up: first ones, joined nodes, replacements
+                # Workers that came up (first ones, joined nodes, replacements): round robin, so each
+                # takes one shard before any takes a second.
+                self.idle += self.backend.refresh() * self.cfg.shards_per_worker
             except NoWorkers as exc:  # inflight is empty: only live workers run shards
                 _log(f"giving up: {exc}")
                 for shard in self.queue:
@@ -262,17 +271,22 @@ class Dispatcher:
                 self.idle.insert(0, slot)
                 self._retry_or_fail(shard, trouble)
                 continue
-            self.inflight[self.backend.submit(slot, shard, self.out, self.outcome.attempts[shard.id])] = (slot, shard)
+            handle = self.backend.submit(slot, shard, self.out, self.outcome.attempts[shard.id])
+            self.inflight[handle] = (slot, shard, self.generation[slot])
 
     def _collect(self, handle) -> None:
-        slot, shard = self.inflight.pop(handle)
+        slot, shard, generation = self.inflight.pop(handle)
         self.progress.drop(slot)
         try:
             stats = self.backend.result(handle)
         except WorkerDied as exc:
-            self.backend.replace(slot)
-            self.outcome.replaced += 1
+            if generation == self.generation[slot]:  # the first of its shards to report the death
+                self.generation[slot] += 1
+                self.idle = [s for s in self.idle if s != slot]  # the room it had died with it
+                self.backend.replace(slot)
+                self.outcome.replaced += 1
             self._retry_or_fail(shard, f"worker died: {exc}")
+            return
         except ShardFailed as exc:
             self._retry_or_fail(shard, str(exc))
         else:
@@ -281,7 +295,7 @@ class Dispatcher:
             psnr = "n/a" if stats.get("mean_psnr") is None else f"{stats['mean_psnr']:.2f} dB"
             _log(f"shard {shard.id}: {stats['total']} rows ({stats['ok']} ok, {stats['failed']} failed), "
                  f"{stats['seconds']:.1f} s, psnr {psnr}")  # fmt: skip
-        if self.backend.ready(slot):  # a dead worker's slot comes back through refresh()
+        if generation == self.generation[slot] and self.backend.ready(slot):  # a dead one's comes back by refresh()
             self.idle.append(slot)
 
     def _retry_or_fail(self, shard: Shard, why: str) -> None:
@@ -297,10 +311,14 @@ class Dispatcher:
             self.outcome.failed[shard.id] = {"url": redact(shard.url), "attempts": attempts, "error": why}
 
     def _poll_progress(self) -> None:
-        current = {slot: shard.id for slot, shard in self.inflight.values()}
-        # An answer about a shard the slot no longer holds (it just finished) would count twice.
-        live = self.backend.progress(list(current))
-        self.progress.update({slot: p for slot, p in live.items() if p.get("shard") == current.get(slot)})
+        held: dict[int, set[str]] = {}
+        for slot, shard, generation in self.inflight.values():
+            if generation == self.generation[slot]:  # not a shard of a worker that died (its death is collected)
+                held.setdefault(slot, set()).add(shard.id)
+        # A worker reports the shard it is fitting. An answer about a shard the slot no longer holds
+        # (it just finished) would count twice.
+        live = self.backend.progress(list(held))
+        self.progress.update({slot: p for slot, p in live.items() if p.get("shard") in held.get(slot, ())})
 
 
 def _clean_temp(folder: OutputFolder, shard: Shard) -> str | None:

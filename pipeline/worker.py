@@ -13,6 +13,7 @@ hold work. The driver wraps ``ShardEncoder`` in a Ray actor (one per GPU, or
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import queue
@@ -150,10 +151,16 @@ class _Attempt:
         self.errors: list[BaseException] = []
 
     def run(self) -> None:
-        """Decode, fit and write every record; on any error stop all stages, drop the temporary file, raise."""
+        """Decode, fit and write every record; on any error stop all stages, drop the temporary file, raise.
+
+        The fit stage waits for the worker's device (``ShardEncoder._device_turn``): the attempt before
+        this one may still be fitting, and this one's decode stage meanwhile fills its queue, so the
+        device goes from one shard's last batch to the next shard's first without waiting for decoding.
+        """
         threads = [self._thread(self._decode_stage, "decode"), self._thread(self._write_stage, "write")]
         try:
-            self._fit_stage()
+            with self.owner._device_turn(self):
+                self._fit_stage()
             _put(self.rows, _END, self.stop)
             for thread in threads:
                 thread.join()
@@ -299,8 +306,11 @@ class ShardEncoder:
         self.writer_factory = writer_factory or ShardWriter
         self._metrics = _Metrics(worker_id) if metrics else None
         self._lock = threading.Lock()
-        self._current: _Attempt | None = None
+        self._current: _Attempt | None = None  # the attempt fitting now (progress() reports it)
         self._cancelled = threading.Event()
+        # The fit stages of this worker's attempts take turns on its device: with shards_per_worker
+        # above 1 the next shard decodes while this one fits, and fits when this one is done.
+        self._turn = threading.Lock()
 
     # -- small actor API ---------------------------------------------------------------
     def progress(self) -> dict:
@@ -325,10 +335,24 @@ class ShardEncoder:
         nothing left under the final names. The driver retries it either way.
         """
         current = _Attempt(self, url, shard_id, out_dir, attempt)
-        with self._lock:
-            self._current = current
         current.run()
         return current.finish()
+
+    @contextlib.contextmanager
+    def _device_turn(self, attempt: _Attempt):
+        """Wait for this worker's device, then hold it for ``attempt``'s fit stage. The wait ends early
+        when the run is cancelled or another stage of the attempt failed (so it has a bound: the
+        attempt fitting now stops at its next batch either way)."""
+        while not self._turn.acquire(timeout=0.1):
+            self._check_cancelled()
+            if attempt.stop.is_set():
+                raise _Stopped
+        try:
+            with self._lock:
+                self._current = attempt
+            yield
+        finally:
+            self._turn.release()
 
     # -- the fit -----------------------------------------------------------------------
     def _fit_chunk(self, chunk: _Chunk, seed: int, fitted_before: bool = False) -> tuple[list[Row], float]:

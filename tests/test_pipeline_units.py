@@ -239,6 +239,58 @@ def test_worker_encodes_a_shard_with_bad_samples(tmp_path):
     assert worker.progress()["images"] == len(samples)
 
 
+def test_two_shards_held_by_one_worker_take_turns_and_the_next_decodes_meanwhile(tmp_path, monkeypatch):
+    """shards_per_worker 2: two encode_shard calls at once on one worker. Their fits never overlap (one
+    device), each shard's rows are its own, and the second shard's first batch is decoded while the
+    first shard is still fitting, so the device does not wait for it at the shard boundary."""
+    import time
+
+    from pipeline import worker as W
+
+    real, events, lock = encoder.fit_batch, [], threading.Lock()
+
+    def slow(targets, config, device="cpu", seed=0):
+        start = time.monotonic()
+        time.sleep(0.3)  # a batch on the device
+        result = real(targets, config, device=device, seed=seed)
+        with lock:
+            events.append(("fit", threading.current_thread().name, start, time.monotonic()))
+        return result
+
+    made = W._Chunk.__init__
+
+    def chunk(self, records, pin):
+        made(self, records, pin)
+        with lock:
+            events.append(("decoded", records[0].key, time.monotonic(), None))
+
+    monkeypatch.setattr(encoder, "fit_batch", slow)
+    monkeypatch.setattr(W._Chunk, "__init__", chunk)
+    worker = _encoder(batch_size=1, shards_per_worker=2)
+    tars = [write_tar(tmp_path / f"0000{i}.tar", good_samples(3, prefix=f"s{i}")) for i in range(2)]
+    results = {}
+
+    def encode(i):
+        results[i] = worker.encode_shard(str(tars[i]), f"0000{i}", str(tmp_path / "out"))
+
+    threads = [threading.Thread(target=encode, args=(i,), name=f"shard{i}") for i in range(2)]
+    for t in threads:
+        t.start()
+        time.sleep(0.05)  # shard 0 takes the device first
+    for t in threads:
+        t.join(timeout=60)
+    assert all(results[i]["ok"] == 3 for i in range(2))
+    for i in range(2):
+        keys = pq.read_table(tmp_path / "out" / f"0000{i}.parquet", columns=["key"])["key"].to_pylist()
+        assert keys and all(k.startswith(f"s{i}") for k in keys)
+    fits = sorted((start, end, name) for kind, name, start, end in events if kind == "fit")
+    assert len(fits) == 6
+    assert all(a[1] <= b[0] for a, b in zip(fits, fits[1:])), fits  # one at a time
+    assert [name for _, _, name in fits] == ["shard0"] * 3 + ["shard1"] * 3  # a shard keeps the device to its end
+    first_decoded = min(t for kind, key, t, _ in events if kind == "decoded" and key.startswith("s1"))
+    assert first_decoded < fits[2][1]  # shard 1's first batch was ready before shard 0's last fit ended
+
+
 def test_worker_never_writes_diverged_strokes(tmp_path, monkeypatch):
     real = encoder.fit_batch
 
