@@ -26,8 +26,9 @@ BWD = dict(S=P, PREPARED=P, LIST=P, COUNT=P, BASE=P, TARGET=P, CANVAS=P, GRAD_LO
            BASE_GRAD="constexpr", BINNED="constexpr", BH="constexpr", BW="constexpr", FAST="constexpr")
 # A binned launch passes the tile lists (int16 stroke indices and int32 counts); an unbinned one any pointer.
 LISTED = dict(LIST="*i16", COUNT="*i32")
-BIN = dict(PREPARED=P, LIST="*i16", COUNT="*i32", N="i32", H="i32", W="i32", inv_h="fp32", BH="constexpr",
-           BW="constexpr", BLOCK="constexpr")
+BIN = dict(PREPARED=P, SOURCE="*i16", SOURCE_COUNT="*i32", LIST="*i16", COUNT="*i32", N="i32", H="i32", W="i32",
+           inv_h="fp32", BH="constexpr", BW="constexpr", COARSE_ROWS="constexpr", COARSE_COLS="constexpr",
+           FROM_COARSE="constexpr", BLOCK="constexpr")
 PREPARE = dict(S=P, PREPARED=P, total="i32", cull_opacity="fp32", BLOCK="constexpr")
 HITS = dict(PREPARED=P, HITS="*i8", N="i32", H="i32", W="i32", inv_h="fp32", BH="constexpr", BW="constexpr")
 ADAM = dict(P=P, G=P, M=P, V=P, LR=P, LO=P, HI=P, n="i32", b1="fp32", b2="fp32", bias1="fp32", bias2="fp32",
@@ -44,11 +45,14 @@ for bh, bw, warps in tiles:
                 triton.compile(ASTSource(tr._forward_kernel, fwd, consts), target=TARGET, options={"num_warps": warps})
             consts = dict(LOSS_KIND=kind, BASE_GRAD=True, BINNED=binned, BH=bh, BW=bw, FAST=True)
             triton.compile(ASTSource(tr._backward_kernel, bwd, consts), target=TARGET, options={"num_warps": warps})
-    triton.compile(ASTSource(tr._bin_kernel, BIN, dict(BH=bh, BW=bw, BLOCK=tr._BIN_BLOCK)), target=TARGET,
-                   options={"num_warps": 4})
+    # One level (every stroke tested), and the second level of two (the coarse tile's list tested).
+    for coarse in ((1, 1, False), (tr.COARSE_TILE_PIXELS // bh, tr.COARSE_TILE_PIXELS // bw, True)):
+        consts = dict(BH=bh, BW=bw, COARSE_ROWS=coarse[0], COARSE_COLS=coarse[1], FROM_COARSE=coarse[2],
+                      BLOCK=tr._BIN_BLOCK)
+        triton.compile(ASTSource(tr._bin_kernel, BIN, consts), target=TARGET, options={"num_warps": 4})
     triton.compile(ASTSource(triton_debug._tile_hits_kernel, HITS, dict(BH=bh, BW=bw)), target=TARGET,
                    options={"num_warps": warps})
-    print(f"tile {bh}x{bw} on {warps} warps: forward, backward (every loss, walked and binned), binning and culling "
+    print(f"tile {bh}x{bw} on {warps} warps: forward, backward (every loss, walked and binned), binning (one and two levels) and culling "
           "compile for sm_90")
 triton.compile(ASTSource(optim._adam_kernel, ADAM, dict(FIELDS=10, BLOCK=1024)), target=TARGET, options={"num_warps": 2})
 print("prepare and fused Adam step compile for sm_90")
