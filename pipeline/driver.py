@@ -170,7 +170,13 @@ def _write_summary(setup: Setup, skipped: list[Shard], outcome: Outcome, started
     while True:
         seen = list(stop.received)
         summary = _summary(setup, skipped, outcome, started, seen)
-        write_json_atomic(OutputFolder(setup.out).summary_path, summary)
+        try:
+            write_json_atomic(OutputFolder(setup.out).summary_path, summary)
+        except OSError as exc:  # the folder went read-only, the disk filled, the store went away
+            done = len(outcome.results)
+            raise OSError(f"the summary could not be written ({type(exc).__name__}: {exc}); the {done} shard(s) "
+                          f"finished by this run are kept: make {setup.out} writable and rerun the same command "
+                          "to resume") from exc  # fmt: skip
         if stop.received == seen:
             return summary
 
