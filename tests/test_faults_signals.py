@@ -60,10 +60,11 @@ def _clean(out: Path) -> None:
     assert not list(out.glob(".*.tmp")) if out.exists() else True
 
 
+@pytest.mark.parametrize("where", [["--no-ray"], ["--gpus", "0", "--workers", "1"]], ids=["no-ray", "ray"])
 @pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)],
                          ids=["SIGTERM", "SIGINT", "SIGHUP"])
-def test_a_signal_during_the_imports_is_an_orderly_stop(tmp_path, signum, status):
-    proc, out = _start(tmp_path, ["--no-ray"])
+def test_a_signal_during_the_imports_is_an_orderly_stop(tmp_path, signum, status, where):
+    proc, out = _start(tmp_path, where)
     time.sleep(0.5)  # torch is still loading
     proc.send_signal(signum)
     text = _finish(proc, set())
