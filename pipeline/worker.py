@@ -14,6 +14,7 @@ hold work. The driver wraps ``ShardEncoder`` in a Ray actor (one per GPU, or
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import queue
@@ -132,9 +133,9 @@ class _Attempt:
     error messages) and the source's error, if the source failed part-way.
     """
 
-    def __init__(self, owner: "ShardEncoder", url: str, shard_id: str, out_dir: str, attempt: int):
+    def __init__(self, owner: "ShardEncoder", url: str, shard_id: str, out_dir: str, attempt: int, ticket: int = 0):
         cfg, fit = owner.config, owner.fit_config
-        self.owner, self.url, self.shard_id, self.attempt = owner, url, shard_id, attempt
+        self.owner, self.url, self.shard_id, self.attempt, self.ticket = owner, url, shard_id, attempt, ticket
         self.started = time.time()
         self.reader = ShardReader(url, fit.size, cfg.max_image_pixels, cfg.min_image_side, cfg.jpeg_draft,
                                   cfg.reader_threads, max_member_bytes=cfg.max_member_bytes,
@@ -308,9 +309,13 @@ class ShardEncoder:
         self._lock = threading.Lock()
         self._current: _Attempt | None = None  # the attempt fitting now (progress() reports it)
         self._cancelled = threading.Event()
-        # The fit stages of this worker's attempts take turns on its device: with shards_per_worker
-        # above 1 the next shard decodes while this one fits, and fits when this one is done.
-        self._turn = threading.Lock()
+        # The fit stages of this worker's attempts take turns on its device, in the order the shards
+        # arrived: with shards_per_worker above 1 the next shard decodes while this one fits, and
+        # fits when this one is done.
+        self._turn = threading.Condition()
+        self._tickets = itertools.count()
+        self._waiting: list[int] = []  # tickets of the attempts waiting for the device
+        self._fitting = False
 
     # -- small actor API ---------------------------------------------------------------
     def progress(self) -> dict:
@@ -334,25 +339,37 @@ class ShardEncoder:
         anything else (writer error, out of memory, a fatal device error) with
         nothing left under the final names. The driver retries it either way.
         """
-        current = _Attempt(self, url, shard_id, out_dir, attempt)
+        with self._turn:
+            ticket = next(self._tickets)  # its place in the queue for the device
+        current = _Attempt(self, url, shard_id, out_dir, attempt, ticket)
         current.run()
         return current.finish()
 
     @contextlib.contextmanager
     def _device_turn(self, attempt: _Attempt):
-        """Wait for this worker's device, then hold it for ``attempt``'s fit stage. The wait ends early
-        when the run is cancelled or another stage of the attempt failed (so it has a bound: the
-        attempt fitting now stops at its next batch either way)."""
-        while not self._turn.acquire(timeout=0.1):
-            self._check_cancelled()
-            if attempt.stop.is_set():
-                raise _Stopped
+        """Wait for this worker's device, then hold it for ``attempt``'s fit stage; the attempts holding
+        earlier tickets go first. The wait ends early when the run is cancelled or another stage of the
+        attempt failed (so it has a bound: the attempt fitting now stops at its next batch either way)."""
+        with self._turn:
+            self._waiting.append(attempt.ticket)
+            try:
+                while self._fitting or min(self._waiting) != attempt.ticket:
+                    self._turn.wait(timeout=0.1)
+                    self._check_cancelled()
+                    if attempt.stop.is_set():
+                        raise _Stopped
+            finally:
+                self._waiting.remove(attempt.ticket)
+                self._turn.notify_all()  # the next ticket may go, if this one leaves without fitting
+            self._fitting = True
         try:
             with self._lock:
                 self._current = attempt
             yield
         finally:
-            self._turn.release()
+            with self._turn:
+                self._fitting = False
+                self._turn.notify_all()
 
     # -- the fit -----------------------------------------------------------------------
     def _fit_chunk(self, chunk: _Chunk, seed: int, fitted_before: bool = False) -> tuple[list[Row], float]:
