@@ -38,7 +38,8 @@ def plot(data: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    panels = (("mean of the 11 benchmark photos", lambda r: r["mean_benchmark"], None),
+    # Each photo's mean over its copies in the batch where measured (steadier than one fit), else its first copy.
+    panels = (("mean of the 11 benchmark photos", lambda r: r.get("mean_benchmark_copies", r["mean_benchmark"]), None),
               ("astronaut", lambda r: r["benchmark"]["astronaut"], SEED_PSNR["astronaut"]),
               ("lisa", lambda r: r["benchmark"]["lisa"], SEED_PSNR["lisa"]))
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.8), dpi=70)
@@ -78,7 +79,8 @@ def plot(data: dict, out: Path) -> None:
         axis.set_ylabel("PSNR (dB)")
         axis.set_title(title, fontsize=10)
         axis.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=7, loc="lower left")
+    if sweeps:
+        axes[0].legend(fontsize=7, loc="lower left")
     fig.suptitle(f"1000 strokes at 512 px: quality against speed ({data['meta']['device']}, {data['meta']['date']})",
                  fontsize=10)
     fig.tight_layout()
