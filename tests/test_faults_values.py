@@ -170,10 +170,10 @@ def test_the_runs_own_error_is_not_masked_by_the_lock(tmp_path, monkeypatch, cap
 
 
 def test_an_output_made_read_only_mid_run_reports_the_runs_own_error_real(tmp_path):
-    """issue #25, 14, as a real run: after the first shard the output folder is remounted read-only
-    under the driver (a bind mount: file permissions would not bind root). The shards after it fail
-    on their own error, which the error line names; that the lock could not be removed is said beside
-    it, never instead of it."""
+    """issue #25, 14, as a real run: after the first shard the output folder is made immutable under the
+    driver (``chattr +i``: file permissions would not bind root, and a read-only remount is refused
+    while the writers hold files open). The shards after it fail on their own error, which the error
+    line names with what to do; that the lock could not be removed is said beside it, never instead."""
     import subprocess
     import sys
     import time
@@ -183,39 +183,36 @@ def test_an_output_made_read_only_mid_run_reports_the_runs_own_error_real(tmp_pa
     from pipeline.output_folder import OutputFolder
     from pipeline_samples import REPO, write_tar
 
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    made = subprocess.run(["chattr", "+i", str(probe)], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"needs chattr +i (root, a filesystem with the immutable flag): {made.stderr.strip()}")
+    subprocess.run(["chattr", "-i", str(probe)], check=True)
     (tmp_path / "in").mkdir()
-    for i in range(8):  # more than can finish in the moment the remount takes
+    for i in range(8):  # more than can finish in the moment the change takes
         write_tar(tmp_path / "in" / f"{i:05d}.tar", good_samples(2, prefix=f"s{i}", size=32))
     out = tmp_path / "out"
-    out.mkdir()
-    probe = subprocess.run(["mount", "--bind", str(out), str(out)], capture_output=True)
-    if probe.returncode != 0:
-        pytest.skip(f"needs a bind mount (root with CAP_SYS_ADMIN): {probe.stderr.decode().strip()}")
-    subprocess.run(["umount", str(out)], check=True)
     config = tiny_config(tmp_path / "tiny.yaml", batch_size=1, max_retries=1)
     proc = subprocess.Popen([sys.executable, str(REPO / "run_encode.py"), "--shards", str(tmp_path / "in"),
                              "--output", str(out), "--config", str(config), "--device", "cpu", "--no-ray",
                              "--no-progress"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**__import__("os").environ, "PYTHONPATH": str(REPO)})  # fmt: skip
-    mounted = False
+    folder = OutputFolder(out)
     try:
-        folder = OutputFolder(out)
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None and not folder.stats_files():
             time.sleep(0.02)
-        subprocess.run(["mount", "--bind", str(out), str(out)], check=True)
-        mounted = True
-        subprocess.run(["mount", "-o", "remount,bind,ro", str(out)], check=True)
+        subprocess.run(["chattr", "+i", str(out), str(out / "__painterbot__")], check=True)
         text, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-        if mounted:
-            subprocess.run(["umount", "-l", str(out)])
+        subprocess.run(["chattr", "-i", str(out), str(out / "__painterbot__")])
     assert proc.returncode == 1, text[-3000:]
     assert "Traceback" not in text, text[-3000:]
     errors = [line for line in text.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Read-only file system" in errors[0] and "driver.lock" not in errors[0], text[-3000:]
+    assert len(errors) == 1 and "Operation not permitted" in errors[0] and "driver.lock" not in errors[0], text[-3000:]
     assert "summary could not be written" in errors[0] and "rerun the same command" in errors[0]
     assert "could not remove the lock" in text
     assert 1 <= len(folder.stats_files()) < 8  # the shards done before are kept
