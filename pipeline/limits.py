@@ -6,6 +6,10 @@ used to hang, or fill memory for minutes, before failing. Here each is one ``Val
 the setting (its flag), what it would need and what there is, before Ray starts or the folder is
 locked.
 
+The decoded batches a worker queues for the fit (``queued_bytes``, pinned host memory on a GPU
+machine: two shards held at B = 128 and 512 px hold up to 2.4 GB per worker) are compared with the
+RAM available now.
+
 The memory of a fit is estimated from its shapes (``fit_bytes``): the targets and their pyramid,
 the canvases of a step, the per-tile stroke lists of binned launches and the optimiser's state.
 The estimate errs high by design (the default preset at B = 128 estimates 6.2 GB against 5.2 GiB, 5.6 GB,
@@ -30,6 +34,12 @@ def fit_bytes(batch: int, size: int, strokes: int) -> int:
     lists = (pixels // 128 + 1) * strokes * (2 if strokes <= 32767 else 4)  # 16 x 8 tiles, int16 indices
     optimiser = strokes * 10 * 4 * 8  # strokes, moments, gradients, copies
     return batch * (canvases + lists + optimiser)
+
+
+def queued_bytes(cfg, size: int) -> int:
+    """Host memory of the decoded batches one worker holds: for each shard it holds
+    (``shards_per_worker``), ``prefetch_batches`` queued and one in hand, float32 at ``size``."""
+    return (cfg.prefetch_batches + 1) * cfg.shards_per_worker * cfg.batch_size * 3 * size * size * 4
 
 
 def _available_ram() -> int | None:
@@ -86,8 +96,18 @@ def check_limits(fit_config, cfg, device: str, local: bool, workers: int | None 
         each = f" per worker, {count} workers" if count > 1 else ""
         raise ValueError(f"--batch-size {batch} x --size {size} x --strokes {strokes}: a fit needs about "
                          f"{_gib(per_fit)}{each}; {_gib(have)} {where}: lower the batch size, the size or the strokes")
-    decode = cfg.reader_threads * min(cfg.max_image_pixels, 1 << 28) * 4  # a decoded image per thread
     ram = _available_ram()
+    if local and ram is not None:
+        import torch
+
+        count = max(1, torch.cuda.device_count()) if device.startswith("cuda") else max(1, workers or 1)
+        queued = queued_bytes(cfg, size)
+        if queued * count > ram:
+            each = f" per worker, {count} workers" if count > 1 else ""
+            raise ValueError(f"pipeline.prefetch_batches {cfg.prefetch_batches} x pipeline.shards_per_worker "
+                             f"{cfg.shards_per_worker} x --batch-size {batch} x --size {size}: the decoded batches "
+                             f"waiting for the fit need about {_gib(queued)}{each}; {_gib(ram)} of RAM available")
+    decode = cfg.reader_threads * min(cfg.max_image_pixels, 1 << 28) * 4  # a decoded image per thread
     if ram is not None and decode > ram:
         raise ValueError(f"--reader-threads {cfg.reader_threads} x --max-image-pixels {cfg.max_image_pixels}: "
                          f"decoding may hold {_gib(decode)}, {_gib(ram)} of RAM available")

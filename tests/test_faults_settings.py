@@ -60,6 +60,15 @@ def test_sizes_no_machine_holds_are_refused(shard, tmp_path, capsys, flags, says
     assert not (tmp_path / "out").exists()  # nothing started: no folder, no lock
 
 
+def test_queued_batches_no_machine_holds_are_refused(shard, tmp_path, capsys):
+    """Decoded batches wait in host memory for the fit, prefetch_batches per shard a worker holds."""
+    config = tiny_config(tmp_path / "tiny.yaml", prefetch_batches=10**9)
+    err = _refused(["--shards", shard, "--output", str(tmp_path / "out"), "--config", str(config), "--device", "cpu"],
+                   capsys)
+    assert "pipeline.prefetch_batches 1000000000 x pipeline.shards_per_worker 2" in err and "RAM available" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_empty_config_file_is_refused(shard, tmp_path, capsys):
     (tmp_path / "empty.yaml").write_text("# nothing here\n")
     err = _refused(["--shards", shard, "--output", str(tmp_path / "out"), "--config", str(tmp_path / "empty.yaml"),
