@@ -88,8 +88,8 @@ class PipelineConfig:
                                  f"{', '.join(EXTRA_COLUMN_TYPES)}, got {name!r}: {kind!r}")  # fmt: skip
             if name in COLUMNS:  # a second column of that name: every shard's file would be refused
                 raise ValueError(f"pipeline.extra_columns: {name!r} is a column of the output already")
-        at_least_one = ("batch_size", "reader_threads", "prefetch_batches", "shards_per_worker", "row_group_size", "workers",
-                        "cpus_per_worker", "max_image_pixels", "min_image_side", "max_error_messages",
+        at_least_one = ("batch_size", "reader_threads", "prefetch_batches", "shards_per_worker", "row_group_size",
+                        "workers", "cpus_per_worker", "max_image_pixels", "min_image_side", "max_error_messages",
                         "max_member_bytes")  # fmt: skip
         for name in at_least_one:
             if getattr(self, name) < 1:
