@@ -39,7 +39,8 @@ def _check_final_files(out: Path, tars: list[Path]) -> int:
 
 
 def test_killed_driver_then_crashing_worker_still_ends_exactly_once(tmp_path):
-    tars = _shards(tmp_path / "in", count=6, per_shard=6)
+    # More shards than the two workers hold at once (2 each), so some are left after the kill.
+    tars = _shards(tmp_path / "in", count=8, per_shard=6)
     out = tmp_path / "out"
     config = tiny_config(tmp_path / "tiny.yaml", batch_size=2, max_retries=2)
     args = [sys.executable, str(REPO / "run_encode.py"), "--shards", str(tmp_path / "in" / "*.tar"),
