@@ -97,29 +97,31 @@ def bench_encoder(urls, fit, cfg, device) -> tuple[int, float, float]:
     return len(targets), seconds, seconds
 
 
+def steady(stats: list[dict]) -> tuple[int, float, float]:
+    """(images, seconds, seconds inside fit_batch) of the steady shards among ``stats`` (their stats files).
+
+    The first shard to finish carried the worker's warm-up (compilation); the others are timed from its
+    end to the last one's end (the driver's hand-outs between them included). With two shards held, the
+    next one's fit starts while the first one commits (its writer's last rows): that overlap is what
+    holding two buys, and the span does not count it. One shard alone: its own start to end."""
+    stats = sorted(stats, key=lambda s: s["finished_at"])
+    rest = stats[1:] or stats
+    begin = datetime.fromisoformat(stats[0]["finished_at" if len(stats) > 1 else "started_at"])
+    seconds = (datetime.fromisoformat(stats[-1]["finished_at"]) - begin).total_seconds()
+    return sum(s["total"] for s in rest), seconds, sum(s["fit_seconds"] for s in rest)
+
+
 def bench_worker(urls, fit, cfg, device, out: Path) -> tuple[int, float, float]:
-    """(images, seconds, seconds inside fit_batch) of the steady shards. Every shard goes to one worker,
-    ``cfg.shards_per_worker`` at a time as the driver hands them out (their fits take turns on the
-    device); timed as the Ray row is (``bench_ray``): from the first shard's end to the last one's."""
+    """``steady`` of every shard given to one worker in this process, ``cfg.shards_per_worker`` at a time
+    as the driver hands them out (their fits take turns on the device)."""
     worker = ShardEncoder(fit, cfg, device=device, worker_id="bench")
-    shards = make_shards(urls)
-
-    def encode(shard):
-        stats = worker.encode_shard(shard.url, shard.id, str(out / "no_ray"))
-        return time.perf_counter(), stats
-
-    start = time.perf_counter()
     with ThreadPoolExecutor(cfg.shards_per_worker) as pool:
-        done = sorted(pool.map(encode, shards), key=lambda item: item[0])
-    steady, begin = (done[1:], done[0][0]) if len(done) > 1 else (done, start)  # one shard: warm-up included
-    return sum(s["total"] for _, s in steady), done[-1][0] - begin, sum(s["fit_seconds"] for _, s in steady)
+        stats = list(pool.map(lambda s: worker.encode_shard(s.url, s.id, str(out / "no_ray")), make_shards(urls)))
+    return steady(stats)
 
 
 def bench_ray(urls, args, device, out: Path, spw: int) -> tuple[int, float, float, float]:
-    """(images, seconds of the steady shards, seconds inside fit_batch, wall seconds including Ray start-up).
-
-    With several shards held by the worker at once their own durations overlap: the steady seconds are
-    a span (below), not their sum."""
+    """``steady`` of the shards of a Ray run (one actor), and the wall seconds including Ray's start-up."""
     from pipeline.driver import RunOptions, run
 
     options = RunOptions(
@@ -135,16 +137,7 @@ def bench_ray(urls, args, device, out: Path, spw: int) -> tuple[int, float, floa
     if code != 0:
         raise RuntimeError("the Ray run failed")
     stats = [json.loads(p.read_text()) for p in sorted(OutputFolder(out / "ray").stats_files())]
-    # The first shard to finish carried the actor's warm-up (compilation); the others are steady state,
-    # timed from its end to the last one's end (the driver's hand-outs between them included). With two
-    # shards held, the next one's fit starts while the first one commits (its writer's last rows): that
-    # overlap is what holding two buys, and the span does not count it.
-    stats.sort(key=lambda s: s["finished_at"])
-    steady = stats[1:] or stats
-    begin = datetime.fromisoformat(stats[0]["finished_at" if len(stats) > 1 else "started_at"])
-    end = datetime.fromisoformat(stats[-1]["finished_at"])
-    return (sum(s["total"] for s in steady), (end - begin).total_seconds(), sum(s["fit_seconds"] for s in steady),
-            wall)
+    return (*steady(stats), wall)
 
 
 def main() -> int:

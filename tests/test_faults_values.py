@@ -174,6 +174,7 @@ def test_an_output_made_read_only_mid_run_reports_the_runs_own_error_real(tmp_pa
     driver (``chattr +i``: file permissions would not bind root, and a read-only remount is refused
     while the writers hold files open). The shards after it fail on their own error, which the error
     line names with what to do; that the lock could not be removed is said beside it, never instead."""
+    import os
     import subprocess
     import sys
     import time
@@ -197,7 +198,7 @@ def test_an_output_made_read_only_mid_run_reports_the_runs_own_error_real(tmp_pa
     proc = subprocess.Popen([sys.executable, str(REPO / "run_encode.py"), "--shards", str(tmp_path / "in"),
                              "--output", str(out), "--config", str(config), "--device", "cpu", "--no-ray",
                              "--no-progress"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**__import__("os").environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+                            env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
     folder = OutputFolder(out)
     try:
         deadline = time.time() + 120

@@ -360,8 +360,7 @@ def test_an_outage_of_the_output_store_fails_and_retries_the_shards_it_touches(s
     assert "Traceback" not in text, text[-4000:]
     assert proc.returncode in (0, 1), text[-4000:]
     summary = json.loads(client.get_object(Bucket=BUCKET, Key=f"{prefix}summary.json")["Body"].read())
-    retried = {sid: info for sid, info in summary["retried_shards"].items()}
-    assert retried or summary["failed_shards"], text[-4000:]  # the outage touched some shard
+    assert summary["retried_shards"] or summary["failed_shards"], text[-4000:]  # the outage touched some shard
     assert summary["shards_failed"] == (proc.returncode == 1) * len(summary["failed_shards"])
     done = _check_bucket(client, tars, out)  # nothing partial under a final name
     assert done == summary["shards_encoded"] == len(tars) - summary["shards_failed"]
