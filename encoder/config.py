@@ -186,6 +186,12 @@ class FitConfig:
     # this. Every commit and reported PSNR is rendered at the exact threshold (triton_render.CULL_OPACITY,
     # 1e-7), so a coarser value here trades gradient tails for shorter tile lists, never a false PSNR.
     step_cull_opacity: float = 0.002
+    # A gradient step lists each tile's strokes (Triton backend, binned launches) every this many steps
+    # and keeps the lists in between: strokes move a fraction of a pixel a step, and a listing costs
+    # about a tenth of a step. A kept list is exact for the strokes it holds (their current parameters);
+    # a stroke that has since reached a new tile is skipped there until the next listing, as culling skips
+    # it. Commits and reported PSNRs list afresh. 1: every step lists (benchmarks/RESULTS.md, round 3).
+    step_bin_interval: int = 1
     placement: str = "power"      # power: p ~ error ** placement_power; softmax: p ~ exp(error) (the seed's)
     placement_power: float = 2.0
     background: str = "mean"      # initial background: mean colour of the target, or black (the seed's)
@@ -229,6 +235,8 @@ class FitConfig:
                 raise ValueError(f"encoder.{name} names unknown fields {unknown}; fields are {', '.join(FIELDS)}")
         if not 0 < self.step_cull_opacity < 1:
             raise ValueError(f"encoder.step_cull_opacity must be in (0, 1), got {self.step_cull_opacity}")
+        if not isinstance(self.step_bin_interval, int) or self.step_bin_interval < 1:
+            raise ValueError(f"encoder.step_bin_interval must be an integer >= 1, got {self.step_bin_interval!r}")
         if not 0 <= self.refine_lr_decay <= 1:
             raise ValueError(f"encoder.refine_lr_decay must be in [0, 1], got {self.refine_lr_decay}")
         if len(self.refine_betas) != 2 or not all(0 <= b < 1 for b in self.refine_betas):

@@ -62,7 +62,8 @@ def plan_phases(config: FitConfig, size: int) -> list[GroupPhase | JointPhase]:
     """The fit of ``size`` x ``size`` targets, in order: the groups, coarse to fine, then the joint pass, if any."""
 
     def settings(steps, lr, lr_scale, betas, lr_decay):
-        return OptimiserSettings.of(steps, lr, lr_scale, betas, lr_decay, config.loss, config.step_cull_opacity)
+        return OptimiserSettings.of(steps, lr, lr_scale, betas, lr_decay, config.loss, config.step_cull_opacity,
+                                   config.step_bin_interval)
 
     groups = [GroupPhase(n, res, settings(steps, config.lr, config.lr_scale, config.betas, 0.0),
                          fit_background=config.fit_background and g == 0)

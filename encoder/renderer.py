@@ -38,13 +38,16 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 def loss_and_grad(
     strokes: torch.Tensor, base: torch.Tensor, target: torch.Tensor, loss: str, backend: str, base_grad: bool = False,
-    grad_out: torch.Tensor | None = None, cull_opacity: float | None = None,
+    grad_out: torch.Tensor | None = None, cull_opacity: float | None = None, bins=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Canvas, per-image loss ``[B]`` and the gradient of ``loss.sum()``.
 
     ``grad_out``, if given, must be zero; the Triton backend accumulates into it.
     ``cull_opacity``: the Triton backend's culling threshold (``triton_render.prepare``; None: its
     default); the reference culls nothing.
+    ``bins``: per-tile stroke lists to render with (``stroke_lists``, possibly of earlier parameters of
+    the same strokes: each tile then paints exactly its listed strokes as they are now); None: listed
+    afresh where binning pays. The reference ignores them.
 
     Returns ``(canvas, loss, grad_strokes [B, N, 10], grad_base [B, 3, H, W] or None)``.
     Images are independent, so the summed loss gives each image its own gradient.
@@ -53,7 +56,8 @@ def loss_and_grad(
         from . import triton_render
 
         prepared = triton_render.prepare(strokes, cull_opacity or triton_render.CULL_OPACITY)
-        bins = _bins(prepared, base, loss)
+        if bins is None:
+            bins = _bins(prepared, base, loss)
         canvas, value = triton_render.forward(strokes, base, target, loss, prepared=prepared, bins=bins)
         ones = torch.ones_like(value)
         grad, grad_base = triton_render.backward(strokes, base, target, canvas, ones, loss, base_grad, grad_out,
@@ -65,6 +69,17 @@ def loss_and_grad(
         canvas, value = reference.render_loss(s, b, target, loss)
         grads = torch.autograd.grad(value.sum(), [s, b] if base_grad else [s])
     return canvas.detach(), value.detach(), grads[0], (grads[1] if base_grad else None)
+
+
+def stroke_lists(strokes: torch.Tensor, base: torch.Tensor, loss: str, backend: str,
+                 cull_opacity: float | None = None):
+    """The per-tile stroke lists ``loss_and_grad`` would make for these strokes now, to be kept for
+    later steps; None where it would not bin (the reference, too few strokes, the prefix loss)."""
+    if backend != "triton":
+        return None
+    from . import triton_render
+
+    return _bins(triton_render.prepare(strokes, cull_opacity or triton_render.CULL_OPACITY), base, loss)
 
 
 def _bins(prepared: torch.Tensor, base: torch.Tensor, loss: str | None):

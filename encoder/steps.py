@@ -45,13 +45,14 @@ class OptimiserSettings:
     lr_decay: float                     # the lr falls linearly to (1 - lr_decay) * lr over the steps
     loss: str
     step_cull_opacity: float            # the renderer's culling threshold in these steps
+    bin_interval: int = 1               # steps between two listings of each tile's strokes
 
     @classmethod
     def of(cls, steps: int, lr: float, lr_scale: dict, betas, lr_decay: float, loss: str,
-           step_cull_opacity: float) -> OptimiserSettings:
+           step_cull_opacity: float, bin_interval: int = 1) -> OptimiserSettings:
         """Settings with per-field lr multipliers given by field name (``{"alpha": 2.0}``; others 1)."""
         scales = tuple(float(lr_scale.get(f, 1.0)) for f in FIELDS)
-        return cls(int(steps), lr, scales, tuple(betas), lr_decay, loss, step_cull_opacity)
+        return cls(int(steps), lr, scales, tuple(betas), lr_decay, loss, step_cull_opacity, int(bin_interval))
 
 
 def optimise_group(
@@ -98,13 +99,17 @@ def _run_steps(strokes, base, target, background, settings, lrs, lo, hi, backend
         dev = bg.device
         bg_opt = Adam(bg, torch.full((3,), settings.lr, device=dev), torch.zeros(3, device=dev),
                       torch.ones(3, device=dev), settings.betas)
+    bins = None
     for t in range(steps):
         # Linear decay from lr to (1 - lr_decay) * lr over the loop's steps.
         factor = 1.0 - settings.lr_decay * t / max(1, steps - 1)
         if fit_bg:
             base = bg[:, :, None, None].expand(-1, -1, res, res).contiguous()
+        if t % settings.bin_interval == 0:
+            # The lists of this step are kept for the next bin_interval - 1 (FitConfig.step_bin_interval).
+            bins = renderer.stroke_lists(strokes, base, settings.loss, backend, settings.step_cull_opacity)
         _, _, grad, grad_base = renderer.loss_and_grad(strokes, base, target, settings.loss, backend, fit_bg, grad,
-                                                     settings.step_cull_opacity)
+                                                     settings.step_cull_opacity, bins)
         opt.step(grad, factor)
         if fit_bg:
             bg_opt.step(grad_base.sum(dim=(2, 3)), factor)

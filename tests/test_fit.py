@@ -166,6 +166,35 @@ def test_step_culling_reaches_every_gradient_step_and_no_commit(monkeypatch):
             FitConfig(**{**TINY, "step_cull_opacity": bad})
 
 
+def test_steps_list_strokes_every_bin_interval_and_keep_the_lists_between(monkeypatch):
+    """``step_bin_interval`` k: the loop lists each tile's strokes at steps 0, k, 2k, ... and every step
+    renders with the latest lists; at 1 every step lists afresh. Values below 1 are refused."""
+    from encoder import renderer, steps
+    from encoder.fit import plan_phases
+    from encoder.steps import OptimiserSettings
+
+    made, used = [], []
+    monkeypatch.setattr(renderer, "stroke_lists", lambda *a, **k: made.append(object()) or made[-1])
+    real = renderer.loss_and_grad
+
+    def spy(*args, **kwargs):
+        used.append(args[8])
+        return real(*args[:8], **kwargs)  # the reference ignores lists: the spy's objects are not bins
+
+    monkeypatch.setattr(renderer, "loss_and_grad", spy)
+    lo, hi = bounds(1.0)
+    for interval, want in ((3, [0, 0, 0, 1, 1, 1, 2]), (1, list(range(7)))):
+        made.clear(), used.clear()
+        settings = OptimiserSettings.of(7, 0.01, {}, (0.8, 0.9), 0.0, "l2", 2e-3, interval)
+        steps._run_steps(null_strokes(1, 4, "cpu"), torch.zeros(1, 3, 8, 8), torch.rand(1, 3, 8, 8), None,
+                         settings, torch.full((10,), 0.01), lo, hi, "reference", settings.steps)
+        assert [made.index(b) for b in used] == want
+    assert plan_phases(FitConfig(**{**TINY, "step_bin_interval": 5}), 16)[0].settings.bin_interval == 5
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="step_bin_interval"):
+            FitConfig(**{**TINY, "step_bin_interval": bad})
+
+
 def test_same_paintings_as_the_stored_reference():
     """The fit paints what it painted before the phase refactor (tests/data/fit_reference_cpu.pt: the
     cpu_small preset with small overrides, joint passes and per-field lr scales, seed 3)."""
@@ -248,7 +277,7 @@ def test_a_changed_optimiser_setting_captures_a_new_graph(monkeypatch):
     run(settings)
     assert captured == [settings]
     changes = dict(steps=7, lr=0.03, field_lr_scales=(0.5,) * 10, betas=(0.9, 0.99), lr_decay=0.5, loss="l1",
-                   step_cull_opacity=1e-3)
+                   step_cull_opacity=1e-3, bin_interval=4)
     assert set(changes) == {f.name for f in dataclasses.fields(steps.OptimiserSettings)}  # every setting tried
     for name, value in changes.items():
         run(dataclasses.replace(settings, **{name: value}))

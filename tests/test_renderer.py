@@ -144,6 +144,50 @@ def test_culled_pixels_stay_within_their_bound(cull):
         assert err.max().item() > 1e-4
 
 
+def test_kept_lists_paint_exactly_their_strokes_as_they_are_now():
+    """Lists made for earlier parameters of the strokes (``FitConfig.step_bin_interval``): each tile paints
+    exactly the strokes its list holds, with their current parameters, and the backward is the exact
+    gradient of that painting (float64 reference with each stroke masked to its listed tiles)."""
+    b, n, h, w, tile, cull = 2, 40, 24, 40, (8, 8), 2e-3
+    before = _culling_strokes(b, n, h, w, 51)
+    gen = torch.Generator().manual_seed(52)
+    now = before.clone()  # a few steps later: moved by up to 1.5 px, grown, more opaque
+    now[..., CX] += (torch.rand(b, n, generator=gen) - 0.5) * 3 / h
+    now[..., CY] += (torch.rand(b, n, generator=gen) - 0.5) * 3 / h
+    now[..., SIGMA_R] *= 1.3
+    now[..., ALPHA] = (now[..., ALPHA] * 1.5).clamp(max=1.0)
+    bins = triton_render.bin_strokes(triton_render.prepare(before, cull), h, w, tile=tile, coarse=False)
+    fresh = triton_render.bin_strokes(triton_render.prepare(now, cull), h, w, tile=tile, coarse=False)
+    assert not torch.equal(bins.counts, fresh.counts)  # the kept lists are stale: the test is not vacuous
+    tiles_w = -(-w // tile[1])
+    listed = torch.zeros(b, n, h, w, dtype=torch.float64)
+    for i in range(b):
+        for t in range(bins.counts.shape[1]):
+            r0, c0 = (t // tiles_w) * tile[0], (t % tiles_w) * tile[1]
+            for j in bins.lists[i, t, : bins.counts[i, t]].long().tolist():
+                listed[i, j, r0:r0 + tile[0], c0:c0 + tile[1]] = 1.0
+    base = torch.rand(b, 3, h, w, generator=gen)
+    tgt = torch.rand(b, 3, h, w, generator=gen)
+    prepared = triton_render.prepare(now, cull)
+    canvas, value = triton_render.forward(now, base, tgt, "l2", prepared=prepared, bins=bins)
+    grad, grad_base = triton_render.backward(now, base, tgt, canvas, torch.ones(b), "l2", base_grad=True,
+                                             prepared=prepared, bins=bins)
+    sd = now.double().requires_grad_(True)
+    bd = base.double().requires_grad_(True)
+    x, y = reference.pixel_grid(h, w, dtype=torch.float64)
+    want = bd
+    for k in range(n):
+        a = (reference.opacity(sd[:, k], x, y) * listed[:, k])[:, None]
+        want = want + a * (sd[:, k, strokes.COLOR][:, :, None, None] - want)
+    loss = (want - tgt.double()).square().mean(dim=(1, 2, 3))
+    loss.sum().backward()
+    assert (canvas.double() - want).abs().max().item() < 1e-4
+    assert torch.allclose(value.double(), loss.detach(), rtol=1e-4, atol=1e-6)
+    err = (grad.double() - sd.grad).norm(dim=(0, 1))
+    assert torch.all(err <= 1e-3 * sd.grad.norm(dim=(0, 1)) + 1e-9), (err / sd.grad.norm(dim=(0, 1))).tolist()
+    assert (grad_base.double() - bd.grad).norm() <= 1e-3 * bd.grad.norm()
+
+
 def test_cull_opacity_is_checked():
     s = random_strokes(1, 2, generator=torch.Generator().manual_seed(1))
     for bad in (0.0, 1.0, -1e-3):
