@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from encoder import FitConfig, fit_batch, reference, triton_render  # noqa: E402
+from encoder import FitConfig, fit_batch, reference, triton_debug, triton_render  # noqa: E402
 from encoder.strokes import random_strokes  # noqa: E402
 
 
@@ -57,8 +57,43 @@ def main() -> None:
                 worst_fwd, worst_grad = max(worst_fwd, fwd), max(worst_grad, rel)
                 print(f"B={b} N={n} {h}x{w} {loss:9s} tile {variant:23s} canvas max|diff| {fwd:.2e}  "
                       f"loss diff {abs(value.cpu().double() - ref_value.detach()).max().item():.2e}  grad worst field rel {rel:.2e}")
+    fwd, rel = check_kept_lists(dev)
+    worst_fwd, worst_grad = max(worst_fwd, fwd), max(worst_grad, rel)
     print(f"WORST forward {worst_fwd:.2e} (tol 1e-4)  gradient {worst_grad:.2e} (tol 1e-3)  {'PASS' if worst_fwd < 1e-4 and worst_grad < 1e-3 else 'FAIL'}")
     check_graphed_fit(dev)
+
+
+def check_kept_lists(dev: torch.device) -> tuple[float, float]:
+    """Stroke lists made for earlier parameters (``step_bin_interval`` > 1), on the fit's binned tile, one
+    level and two: each tile paints exactly its listed strokes as they are now (the reference masked by
+    ``triton_debug.listed_pixels``), and the backward is that painting's gradient."""
+    b, n, h, w, cull = 2, 300, 96, 128, 2e-3
+    gen = torch.Generator().manual_seed(200)
+    before = random_strokes(b, n, w / h, generator=gen)
+    before[..., 3] = 0.05 + 0.3 * before[..., 3] / 2
+    now = before.clone()  # a few steps later: moved by up to 2 px, grown
+    now[..., :2] += (torch.rand(b, n, 2, generator=gen) - 0.5) * 4 / h
+    now[..., 4] *= 1.2
+    base, tgt = torch.rand(b, 3, h, w, generator=gen), torch.rand(b, 3, h, w, generator=gen)
+    sg, bg, tg = now.to(dev), base.to(dev), tgt.to(dev)
+    worst_fwd, worst_grad = 0.0, 0.0
+    for coarse in (False, True):
+        bins = triton_render.bin_strokes(triton_render.prepare(before.to(dev), cull), h, w, coarse=coarse)
+        prepared = triton_render.prepare(sg, cull)
+        canvas, value = triton_render.forward(sg, bg, tg, "l2", prepared=prepared, bins=bins)
+        grad, _ = triton_render.backward(sg, bg, tg, canvas, torch.ones(b, device=dev), "l2", prepared=prepared,
+                                         bins=bins)
+        sd = now.double().requires_grad_(True)
+        listed = triton_debug.listed_pixels(bins, n, h, w)
+        ref_canvas, ref_value = reference.render_loss(sd, base.double(), tgt.double(), "l2", mask=listed)
+        ref_value.sum().backward()
+        fwd = (canvas.cpu().double() - ref_canvas).abs().max().item()
+        rel = ((grad.cpu().double() - sd.grad).norm(dim=(0, 1)) / sd.grad.norm(dim=(0, 1)).clamp_min(1e-30)).max().item()
+        worst_fwd, worst_grad = max(worst_fwd, fwd), max(worst_grad, rel)
+        print(f"B={b} N={n} {h}x{w} l2        kept lists, tile {bins.tile}{' 2-level' if coarse else ''}: canvas "
+              f"max|diff| {fwd:.2e}  loss diff {abs(value.cpu().double() - ref_value.detach()).max().item():.2e}  "
+              f"grad worst field rel {rel:.2e}")
+    return worst_fwd, worst_grad
 
 
 def check_graphed_fit(dev: torch.device) -> None:
@@ -81,7 +116,8 @@ def check_graphed_fit(dev: torch.device) -> None:
     # step moves every stroke at once, so the last-bit differences of the atomics spread further than
     # in a group: the yardstick is how far two eager runs land apart, and graphed runs may differ
     # from eager by twice that, or by 0.1 dB, whichever is larger.
-    config = replace(config, refine=[[0.5, 20], [1.0, 30]], refine_lr=0.003)
+    # Lists kept 4 steps in the joint pass (60 strokes: binned), as in the presets.
+    config = replace(config, refine=[[0.5, 20], [1.0, 30]], refine_lr=0.003, step_bin_interval=4)
     eager = [fit_batch(targets, replace(config, cuda_graphs=False), device=dev, seed=1) for _ in range(2)]
     graphed = [fit_batch(targets, config, device=dev, seed=1) for _ in range(2)]
     noise = (eager[1].psnr - eager[0].psnr).abs().max().item()

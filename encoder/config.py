@@ -173,7 +173,7 @@ class FitConfig:
     # optimising all strokes (and the background) together at scale * size. Frozen
     # groups cannot correct each other; a joint pass can. An image keeps its
     # refined painting only where that lowers its full-size error. Empty: no refinement.
-    refine: list = field(default_factory=lambda: [[0.5, 200], [1.0, 100]])
+    refine: list = field(default_factory=lambda: [[0.5, 210], [1.0, 100]])
     refine_lr: float = 0.003
     # per-field multipliers of refine_lr
     refine_lr_scale: dict = field(default_factory=lambda: {"cx": 0.5, "cy": 0.5, "r": 2.0, "g": 2.0, "b": 2.0,
@@ -190,8 +190,9 @@ class FitConfig:
     # and keeps the lists in between: strokes move a fraction of a pixel a step, and a listing costs
     # about a tenth of a step. A kept list is exact for the strokes it holds (their current parameters);
     # a stroke that has since reached a new tile is skipped there until the next listing, as culling skips
-    # it. Commits and reported PSNRs list afresh. 1: every step lists (benchmarks/RESULTS.md, round 3).
-    step_bin_interval: int = 1
+    # it. Commits and reported PSNRs list afresh. 1: every step lists ("Twice the speed, round 3" in
+    # benchmarks/RESULTS.md).
+    step_bin_interval: int = 4
     placement: str = "power"      # power: p ~ error ** placement_power; softmax: p ~ exp(error) (the seed's)
     placement_power: float = 2.0
     background: str = "mean"      # initial background: mean colour of the target, or black (the seed's)

@@ -42,7 +42,8 @@ def opacity(strokes: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Te
 
 
 def render_loss(
-    strokes: torch.Tensor, base: torch.Tensor, target: torch.Tensor | None = None, loss: str = "l2"
+    strokes: torch.Tensor, base: torch.Tensor, target: torch.Tensor | None = None, loss: str = "l2",
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Blend strokes back to front over a base canvas, optionally with a loss.
 
@@ -54,6 +55,10 @@ def render_loss(
     - ``l1``/``l2``: mean absolute / squared error of the final canvas;
     - ``prefix_l1``: the seed's objective, the mean over k = 1..N of the mean
       absolute error of the canvas after k strokes.
+
+    ``mask`` ``[B, N, H, W]``, if given, multiplies each stroke's opacity: the
+    painting of a renderer that skips strokes on some pixels
+    (``triton_debug.listed_pixels``), for tests of its stroke lists.
     """
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; expected one of {LOSSES}")
@@ -64,6 +69,8 @@ def render_loss(
     n = strokes.shape[1]
     for k in range(n):
         a = opacity(strokes[:, k], x, y)[:, None]  # [B, 1, H, W]
+        if mask is not None:
+            a = a * mask[:, k, None]
         color = strokes[:, k, COLOR][:, :, None, None]
         canvas = canvas + a * (color - canvas)
         if target is not None and loss == "prefix_l1":

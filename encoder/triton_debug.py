@@ -33,3 +33,24 @@ def tile_hits(strokes: torch.Tensor, height: int, width: int, tile: tuple[int, i
     hits = torch.zeros(bsz, n, grid[0], dtype=torch.int8, device=strokes.device)
     _tile_hits_kernel[grid](prepare(strokes), hits, n, height, width, 1.0 / height, BH=tile[0], BW=tile[1])
     return hits.bool()
+
+
+def listed_pixels(bins, n: int, height: int, width: int) -> torch.Tensor:
+    """Where each stroke may paint under ``bins`` (``triton_render.bin_strokes``): ``[B, N, H, W]``, 1.0 on
+    the pixels of every tile whose list holds the stroke, else 0.0, as float64 for the reference's ``mask``.
+
+    A binned launch paints a listed stroke over its whole tile and nothing else, so the reference with this
+    mask is the painting such a launch makes, also with lists kept from earlier stroke parameters.
+    """
+    tile = bins.tile
+    bsz, tiles = bins.counts.shape
+    tiles_w = -(-width // tile[1])
+    listed = torch.zeros(bsz, n, tiles, dtype=torch.float64)
+    counts, lists = bins.counts.cpu(), bins.lists.cpu().long()
+    for i in range(bsz):
+        for t in range(tiles):
+            listed[i, lists[i, t, : counts[i, t]], t] = 1.0
+    # [B, N, tile rows, tile cols] -> every pixel of each tile, cropped to the canvas
+    grid = listed.reshape(bsz, n, -(-height // tile[0]), tiles_w)
+    pixels = grid.repeat_interleave(tile[0], dim=2).repeat_interleave(tile[1], dim=3)
+    return pixels[:, :, :height, :width].contiguous()

@@ -226,7 +226,7 @@ def test_the_schedule_is_planned_once_from_the_config():
     assert [g.fit_background for g in groups] == [True] + [False] * 9
     assert {(g.settings.lr, g.settings.lr_decay) for g in groups} == {(0.01, 0.0)}
     assert [(res, s.steps, s.lr, s.lr_decay) for res, s in joint.stages] == \
-        [(256, 200, 0.003, 0.9), (512, 100, 0.003, 0.9)]
+        [(256, 210, 0.003, 0.9), (512, 100, 0.003, 0.9)]
     assert not any(isinstance(p, JointPhase) for p in plan_phases(FitConfig(**{**TINY, "refine": [[1.0, 0]]}), 16))
 
 
@@ -277,7 +277,7 @@ def test_a_changed_optimiser_setting_captures_a_new_graph(monkeypatch):
     run(settings)
     assert captured == [settings]
     changes = dict(steps=7, lr=0.03, field_lr_scales=(0.5,) * 10, betas=(0.9, 0.99), lr_decay=0.5, loss="l1",
-                   step_cull_opacity=1e-3, bin_interval=4)
+                   step_cull_opacity=1e-3, bin_interval=2)
     assert set(changes) == {f.name for f in dataclasses.fields(steps.OptimiserSettings)}  # every setting tried
     for name, value in changes.items():
         run(dataclasses.replace(settings, **{name: value}))

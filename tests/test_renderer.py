@@ -159,13 +159,8 @@ def test_kept_lists_paint_exactly_their_strokes_as_they_are_now():
     bins = triton_render.bin_strokes(triton_render.prepare(before, cull), h, w, tile=tile, coarse=False)
     fresh = triton_render.bin_strokes(triton_render.prepare(now, cull), h, w, tile=tile, coarse=False)
     assert not torch.equal(bins.counts, fresh.counts)  # the kept lists are stale: the test is not vacuous
-    tiles_w = -(-w // tile[1])
-    listed = torch.zeros(b, n, h, w, dtype=torch.float64)
-    for i in range(b):
-        for t in range(bins.counts.shape[1]):
-            r0, c0 = (t // tiles_w) * tile[0], (t % tiles_w) * tile[1]
-            for j in bins.lists[i, t, : bins.counts[i, t]].long().tolist():
-                listed[i, j, r0:r0 + tile[0], c0:c0 + tile[1]] = 1.0
+    listed = triton_debug.listed_pixels(bins, n, h, w)
+    assert listed[0, 0].sum() > 0 and listed.amin() == 0  # each stroke is listed on some tiles only
     base = torch.rand(b, 3, h, w, generator=gen)
     tgt = torch.rand(b, 3, h, w, generator=gen)
     prepared = triton_render.prepare(now, cull)
@@ -174,12 +169,7 @@ def test_kept_lists_paint_exactly_their_strokes_as_they_are_now():
                                              prepared=prepared, bins=bins)
     sd = now.double().requires_grad_(True)
     bd = base.double().requires_grad_(True)
-    x, y = reference.pixel_grid(h, w, dtype=torch.float64)
-    want = bd
-    for k in range(n):
-        a = (reference.opacity(sd[:, k], x, y) * listed[:, k])[:, None]
-        want = want + a * (sd[:, k, strokes.COLOR][:, :, None, None] - want)
-    loss = (want - tgt.double()).square().mean(dim=(1, 2, 3))
+    want, loss = reference.render_loss(sd, bd, tgt.double(), "l2", mask=listed)
     loss.sum().backward()
     assert (canvas.double() - want).abs().max().item() < 1e-4
     assert torch.allclose(value.double(), loss.detach(), rtol=1e-4, atol=1e-6)
