@@ -3,8 +3,8 @@
     python benchmarks/plot_frontier.py frontier_data.json benchmarks/frontier.png [--table]
 
 Three panels: the mean of the 11 benchmark photos, astronaut and lisa.
-Presets are stars, the old default a square, sweep variants small points (a
-line joins each sweep's points, in order); the seed's algorithm has given
+Presets are stars, the old presets squares (kind "today"), sweep variants small points (a
+line joins each sweep's points, in order), single alternatives (kind "alternative") small points; the seed's algorithm has given
 points for astronaut and lisa only (238 s per image: 22.73 and 27.99 dB); dashed lines
 are the default preset's goals of issue #13. Needs matplotlib (the development
 machine, not the GPU machine). --table prints the Markdown table for RESULTS.md.
@@ -59,6 +59,10 @@ def plot(data: dict, out: Path) -> None:
                           color="C3" if preset else "k", zorder=3)
                 axis.annotate(r["name"], (r["images_per_s"], value(r)), textcoords="offset points",
                               xytext=(-8, 8) if preset else (6, -12), fontsize=8, ha="right" if preset else "left")
+        others = [r for r in rows if r["kind"] == "alternative"]  # single variants, named in RESULTS.md's tables
+        if others:
+            axis.plot([r["images_per_s"] for r in others], [value(r) for r in others], "o", ms=4, color="C0",
+                      alpha=0.7, label="alternatives")
         if seed is not None:
             axis.plot([1.0 / SEED_SECONDS], [seed], "v", ms=8, color="gray")
             axis.annotate(f"seed ({SEED_SECONDS:.0f} s/image)", (1.0 / SEED_SECONDS, seed), textcoords="offset points",
@@ -79,7 +83,7 @@ def plot(data: dict, out: Path) -> None:
         axis.set_ylabel("PSNR (dB)")
         axis.set_title(title, fontsize=10)
         axis.grid(True, which="both", alpha=0.3)
-    if sweeps:
+    if sweeps or any(r["kind"] == "alternative" for r in rows):
         axes[0].legend(fontsize=7, loc="lower left")
     fig.suptitle(f"1000 strokes at 512 px: quality against speed ({data['meta']['device']}, {data['meta']['date']})",
                  fontsize=10)

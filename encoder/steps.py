@@ -107,6 +107,7 @@ def _run_steps(strokes, base, target, background, settings, lrs, lo, hi, backend
             base = bg[:, :, None, None].expand(-1, -1, res, res).contiguous()
         if t % settings.bin_interval == 0:
             # The lists of this step are kept for the next bin_interval - 1 (FitConfig.step_bin_interval).
+            bins = None  # the old lists go first: two sets at once would double their memory (0.5 GB at B = 128)
             bins = renderer.stroke_lists(strokes, base, settings.loss, backend, settings.step_cull_opacity)
         _, _, grad, grad_base = renderer.loss_and_grad(strokes, base, target, settings.loss, backend, fit_bg, grad,
                                                      settings.step_cull_opacity, bins)
