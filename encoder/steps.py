@@ -45,11 +45,11 @@ class OptimiserSettings:
     lr_decay: float                     # the lr falls linearly to (1 - lr_decay) * lr over the steps
     loss: str
     step_cull_opacity: float            # the renderer's culling threshold in these steps
-    bin_interval: int = 1               # steps between two listings of each tile's strokes
+    bin_interval: int                   # steps between two listings of each tile's strokes
 
     @classmethod
     def of(cls, steps: int, lr: float, lr_scale: dict, betas, lr_decay: float, loss: str,
-           step_cull_opacity: float, bin_interval: int = 1) -> OptimiserSettings:
+           step_cull_opacity: float, bin_interval: int) -> OptimiserSettings:
         """Settings with per-field lr multipliers given by field name (``{"alpha": 2.0}``; others 1)."""
         scales = tuple(float(lr_scale.get(f, 1.0)) for f in FIELDS)
         return cls(int(steps), lr, scales, tuple(betas), lr_decay, loss, step_cull_opacity, int(bin_interval))

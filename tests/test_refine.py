@@ -108,7 +108,7 @@ def test_per_field_lr_scales_reach_their_fields():
     from encoder.steps import OptimiserSettings, optimise_group
     from encoder.strokes import FIELDS
 
-    settings = OptimiserSettings.of(6, 0.01, {"cx": 0.0, "cy": 0.0, "alpha": 3.0}, (0.8, 0.9), 0.0, "l2", 1e-7)
+    settings = OptimiserSettings.of(6, 0.01, {"cx": 0.0, "cy": 0.0, "alpha": 3.0}, (0.8, 0.9), 0.0, "l2", 1e-7, 1)
     assert [0.01 * s for s in settings.field_lr_scales] == pytest.approx([0.0, 0.0] + [0.01] * 7 + [0.03])
     for name in ("lr_scale", "refine_lr_scale"):
         with pytest.raises(ValueError, match=f"{name} names unknown fields"):
