@@ -3,9 +3,10 @@
     python benchmarks/plot_frontier.py frontier_data.json benchmarks/frontier.png [--table]
 
 Three panels: the mean of the 11 benchmark photos, astronaut and lisa.
-Presets are stars, the old presets squares (kind "today"), sweep variants small points (a
-line joins each sweep's points, in order), single alternatives (kind "alternative") small points; the seed's algorithm has given
-points for astronaut and lisa only (238 s per image: 22.73 and 27.99 dB); dashed lines
+Presets are stars, the old presets squares (kind "today"), sweep variants small
+points (a line joins each sweep's points, in order), single alternatives (kind
+"alternative") points without a line; the seed's algorithm has given points for
+astronaut and lisa only (238 s per image: 22.73 and 27.99 dB); dashed lines
 are the default preset's goals of issue #13. Needs matplotlib (the development
 machine, not the GPU machine). --table prints the Markdown table for RESULTS.md.
 """
