@@ -7,7 +7,7 @@ Presets are stars, the old presets squares (kind "today"), sweep variants small
 points (a line joins each sweep's points, in order), single alternatives (kind
 "alternative") points without a line; the seed's algorithm has given points for
 astronaut and lisa only (238 s per image: 22.73 and 27.99 dB); dashed lines
-are the default preset's goals of issue #13. Needs matplotlib (the development
+are the default preset's goals of issue #20. Needs matplotlib (the development
 machine, not the GPU machine). --table prints the Markdown table for RESULTS.md.
 """
 from __future__ import annotations
